@@ -1,0 +1,40 @@
+"""pgq: a durable job queue for Python whose only infrastructure is PostgreSQL."""
+
+from .app import App
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    EnqueueError,
+    Error,
+    JobNotFound,
+    Retry,
+    SerializationError,
+    TaskCancelled,
+    TaskFailed,
+    TimeoutError,
+)
+from .result import AsyncResult
+from .states import JobStatus
+from .tasks import Request, Task
+from .worker import Worker
+
+__all__ = [
+    "App",
+    "AsyncResult",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "EnqueueError",
+    "Error",
+    "JobNotFound",
+    "JobStatus",
+    "Request",
+    "Retry",
+    "SerializationError",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+    "TimeoutError",
+    "Worker",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""The public facade: an App holds the database location and the task registry."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, overload
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import db, embedded, enqueue, migrate
+from .result import AsyncResult
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+class App:
+    """A pgq application.
+
+    The database is found, in order: the *database_url* argument, ``PGQ_DATABASE_URL``,
+    ``DATABASE_URL``, and else the embedded PostgreSQL (started on first use, announced on stderr).
+    Nothing connects until the first enqueue, ``get()``, migration or worker.
+    """
+
+    def __init__(self, database_url: str | None = None, *, pool_size: int = 4):
+        self._configured_url = database_url
+        self._url: str | None = None
+        self._pool: ConnectionPool | None = None
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self.tasks: dict[str, Task] = {}
+
+    def __repr__(self) -> str:
+        return f"<pgq.App tasks={len(self.tasks)}>"
+
+    # --- the database --------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        if self._url is None:
+            with self._lock:
+                if self._url is None:
+                    self._url = db.configured_url(self._configured_url) or embedded.start()
+        return self._url
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A connection from pgq's own small pool; its transaction commits when the block exits."""
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = self._open_pool()
+                pool = self._pool
+        with pool.connection() as conn:
+            yield conn
+
+    def _open_pool(self) -> ConnectionPool:
+        url = self.database_url
+        # Fail fast with a readable message when the database is unreachable, instead of the pool's
+        # 30 s wait for a connection that never comes.
+        db.connect(url, role="client").close()
+        pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"application_name": "pgq-client", "prepare_threshold": db.prepare_threshold()},
+            open=True,
+            name="pgq-client",
+        )
+        atexit.register(pool.close)
+        return pool
+
+    def close(self) -> None:
+        """Close pgq's own connections (the caller's are never touched)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    def migrate(self) -> None:
+        """Create or upgrade pgq's schema. Idempotent, and safe to run from several processes at once."""
+        migrate.upgrade(self.database_url)
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[..., Any], /) -> Task: ...
+
+    @overload
+    def task(self, fn: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=…, queue=…, …)``.
+
+        Options: ``name`` (default ``"<module>.<function>"``), ``queue``, ``max_attempts``,
+        ``retry_backoff`` (base of the exponential backoff, seconds), ``lease_seconds``, ``priority``
+        (higher runs first), ``bind`` (pass the task as ``self``), ``ignore_result``.
+        """
+
+        def register(func: Callable[..., Any]) -> Task:
+            name = options.pop("name", None) or f"{func.__module__}.{func.__qualname__}"
+            if name in self.tasks and self.tasks[name].fn is not func:
+                raise ValueError(f"a different task is already registered as {name!r}")
+            task = Task(self, func, name=name, **options)
+            self.tasks[name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Enqueue a task by name, without importing its function. Takes apply_async's options; the
+        defaults are the registered task's when this process knows it, else pgq's."""
+        task = self.tasks.get(name)
+        if task is not None:
+            return task.apply_async(args=args, kwargs=kwargs, **options)
+        connection = options.pop("connection", None)
+        spec = enqueue.build(name, args=() if args is None else args, kwargs=kwargs,
+                             **{k: v for k, v in options.items() if v is not None})
+        return self._enqueue(spec, connection)
+
+    def _enqueue(self, spec: enqueue.JobSpec, connection: Any) -> AsyncResult:
+        if connection is not None:
+            return AsyncResult(self, enqueue.insert(connection, spec))
+        with self.connection() as conn:
+            return AsyncResult(self, enqueue.insert(conn, spec))
+
+    def result(self, job_id: int) -> AsyncResult:
+        """A handle for a job whose id you know (Celery's ``AsyncResult(id)``)."""
+        return AsyncResult(self, job_id)
+
+    AsyncResult = result
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def worker(self, **settings: Any) -> Worker:
+        """A worker for this app's tasks; see :class:`pgq.worker.Worker` for the settings."""
+        from .worker import Worker
+
+        return Worker(self, **settings)

@@ -1,0 +1,72 @@
+"""Where the database is, and how pgq connects to it."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+import psycopg
+
+from .errors import DatabaseUnavailable
+
+URL_ENV_VARS = ("PGQ_DATABASE_URL", "DATABASE_URL")
+
+_SQLALCHEMY_SCHEME = re.compile(r"^postgres(?:ql)?\+[a-z0-9_]+://", re.IGNORECASE)
+
+
+def normalize_url(url: str) -> str:
+    """Accept the URLs users already have: SQLAlchemy's ``postgresql+psycopg://`` and Heroku's
+    ``postgres://`` become plain libpq URLs; conninfo strings (``host=… dbname=…``) pass through."""
+    url = url.strip()
+    if _SQLALCHEMY_SCHEME.match(url):
+        url = "postgresql://" + url.split("://", 1)[1]
+    return url
+
+
+def configured_url(url: str | None = None) -> str | None:
+    """The database URL by precedence: argument > PGQ_DATABASE_URL > DATABASE_URL; None if none is set."""
+    if url:
+        return normalize_url(url)
+    for var in URL_ENV_VARS:
+        if os.environ.get(var):
+            return normalize_url(os.environ[var])
+    return None
+
+
+def prepare_threshold() -> int | None:
+    """psycopg prepares a statement after it ran this many times on a connection. ``PGQ_PREPARE=0``
+    turns that off for poolers that cannot keep prepared statements (PgBouncer < 1.21 in transaction
+    mode)."""
+    return None if os.environ.get("PGQ_PREPARE", "1").lower() in ("0", "false", "no", "off") else 5
+
+
+def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwargs: Any) -> psycopg.Connection:
+    """Open a connection tagged with pgq's application_name, so operators can tell pgq's sessions apart
+    in ``pg_stat_activity``."""
+    try:
+        conn = psycopg.connect(
+            url,
+            autocommit=autocommit,
+            application_name=f"pgq-{role}",
+            prepare_threshold=kwargs.pop("prepare_threshold", prepare_threshold()),
+            **kwargs,
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+    return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,176 @@
+"""Turning a call into a job row: validation (before anything is written) and the insert, on pgq's own
+connection or inside the caller's transaction."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from . import serialization, sql
+from .errors import EnqueueError
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+MAX_TASK_NAME = 200
+PRIORITY_RANGE = (-32768, 32767)  # the column is a smallint; higher runs first
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+def max_payload_bytes() -> int:
+    """Arguments larger than this are refused at enqueue (``PGQ_MAX_PAYLOAD_BYTES``, default 1 MiB):
+    large payloads belong in object storage, with their key in the job."""
+    return int(os.environ.get("PGQ_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job, ready to insert."""
+
+    task_name: str
+    queue: str
+    args: str  # JSON text
+    kwargs: str  # JSON text
+    priority: int
+    max_attempts: int
+    retry_backoff: float
+    lease_seconds: int
+    ignore_result: bool
+    eta: datetime | None
+    countdown: float | None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "task_name": self.task_name,
+            "queue": self.queue,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "retry_backoff": self.retry_backoff,
+            "lease_seconds": self.lease_seconds,
+            "ignore_result": self.ignore_result,
+            "eta": self.eta,
+            "countdown": self.countdown,
+        }
+
+
+def build(
+    task_name: Any,
+    *,
+    args: Any = (),
+    kwargs: Any = None,
+    queue: Any = "default",
+    priority: Any = 0,
+    max_attempts: Any = 3,
+    retry_backoff: Any = 2.0,
+    lease_seconds: Any = 30,
+    ignore_result: bool = False,
+    eta: Any = None,
+    countdown: Any = None,
+) -> JobSpec:
+    """Validate everything about a job; raise EnqueueError naming the task and the problem."""
+    if not isinstance(task_name, str) or not task_name.strip():
+        raise EnqueueError(f"task name must be a non-empty string, got {task_name!r}")
+    if len(task_name) > MAX_TASK_NAME:
+        raise EnqueueError(f"task name {task_name[:40]!r}… is longer than {MAX_TASK_NAME} characters")
+
+    def refuse(problem: str) -> EnqueueError:
+        return EnqueueError(f"cannot enqueue {task_name}: {problem}")
+
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise refuse(f"queue name {queue!r} must be 1-100 characters of letters, digits, '_', '.', ':' or '-'")
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise refuse(f"args must be a list or tuple, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise refuse("kwargs must be a dict with string keys")
+    args_json = serialization.dumps(list(args), what=f"an argument of {task_name}")
+    kwargs_json = serialization.dumps(dict(kwargs), what=f"a keyword argument of {task_name}")
+    size = len(args_json.encode()) + len(kwargs_json.encode())
+    if size > max_payload_bytes():
+        raise refuse(f"arguments take {size} bytes as JSON, over the limit of {max_payload_bytes()} bytes")
+
+    if isinstance(priority, bool) or not isinstance(priority, int) or not (
+        PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]
+    ):
+        raise refuse(f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}, got {priority!r}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise refuse(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int) or lease_seconds < 1:
+        raise refuse(f"lease_seconds must be an integer >= 1, got {lease_seconds!r}")
+    if not _finite_number(retry_backoff) or retry_backoff < 0:
+        raise refuse(f"retry_backoff must be a number >= 0, got {retry_backoff!r}")
+
+    if eta is not None and countdown is not None:
+        raise refuse("give eta or countdown, not both")
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise refuse(f"eta must be a datetime, got {type(eta).__name__}")
+        if eta.tzinfo is None or eta.utcoffset() is None:
+            raise refuse(
+                "eta is a naive datetime; pass a timezone-aware one (e.g. datetime.now(timezone.utc) + delta), "
+                "because a naive time means different instants on different machines"
+            )
+    if countdown is not None and (not _finite_number(countdown) or countdown < 0):
+        raise refuse(f"countdown must be a number of seconds >= 0, got {countdown!r}")
+
+    return JobSpec(
+        task_name=task_name,
+        queue=queue,
+        args=args_json,
+        kwargs=kwargs_json,
+        priority=priority,
+        max_attempts=max_attempts,
+        retry_backoff=float(retry_backoff),
+        lease_seconds=lease_seconds,
+        ignore_result=bool(ignore_result),
+        eta=eta,
+        countdown=None if countdown is None else float(countdown),
+    )
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def insert(connection: Any, spec: JobSpec) -> int:
+    """Insert *spec* through the caller's connection, inside whatever transaction it has open.
+    Nothing is committed here: the job exists only if the caller commits."""
+    return int(execute(connection, sql.ENQUEUE, spec.params())[0][0])
+
+
+def execute(connection: Any, statement: str, params: Mapping[str, Any]) -> list[tuple]:
+    """Run one statement on a psycopg Connection, a SQLAlchemy Connection or a SQLAlchemy Session.
+
+    SQLAlchemy goes through ``exec_driver_sql`` so its own transaction bookkeeping sees the statement
+    (autobegin), and the statement reaches the driver untouched: psycopg 3 and psycopg2 both take
+    ``%(name)s`` parameters.
+    """
+    if isinstance(connection, psycopg.Connection):
+        return connection.execute(statement, params).fetchall()
+    sa_conn = _sqlalchemy_connection(connection)
+    if sa_conn is not None:
+        return list(sa_conn.exec_driver_sql(statement, dict(params)).fetchall())
+    raise TypeError(
+        "connection= takes a psycopg Connection, a SQLAlchemy Connection or a SQLAlchemy Session, "
+        f"got {type(connection).__name__}"
+    )
+
+
+def _sqlalchemy_connection(obj: Any) -> Any:
+    try:
+        from sqlalchemy.engine import Connection
+        from sqlalchemy.orm import Session
+    except ImportError:  # pragma: no cover - sqlalchemy is a dependency
+        return None
+    if isinstance(obj, Session):
+        return obj.connection()
+    if isinstance(obj, Connection):
+        return obj
+    return None

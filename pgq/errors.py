@@ -1,0 +1,60 @@
+"""Exceptions users catch. Every one derives from :class:`pgq.Error`."""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of everything pgq raises on purpose."""
+
+
+class ConfigurationError(Error):
+    """pgq is set up wrongly: no usable database, a bad ``-A`` target, a schema not migrated."""
+
+
+class DatabaseUnavailable(ConfigurationError):
+    """The database cannot be reached (down, wrong host, wrong password)."""
+
+
+class EnqueueError(Error, ValueError):
+    """A job was refused before anything was written: the message names the task and the problem."""
+
+
+class SerializationError(EnqueueError, TypeError):
+    """A value is not JSON-serializable (arguments at enqueue, or a task's return value)."""
+
+
+class TimeoutError(Error, TimeoutError):  # noqa: A001 - Celery's name, and still a builtin TimeoutError
+    """``get(timeout=…)`` ran out of time before the job finished."""
+
+
+class JobNotFound(Error, LookupError):
+    """No job and no result exist under this id (never committed, or pruned)."""
+
+
+class TaskFailed(Error):
+    """The job ended ``failed``. Keeps the original exception's type name, message and traceback text,
+    because the original exception object lived in another process and only its text was stored."""
+
+    def __init__(self, type_name: str, message: str, traceback: str | None = None, job_id: int | None = None):
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.job_id = job_id
+
+
+class TaskCancelled(Error):
+    """The job was cancelled before it could finish."""
+
+
+class Retry(Exception):  # noqa: N818 - Celery's name: `raise self.retry(...)`
+    """Raised by ``self.retry()`` inside a bound task: end this attempt and schedule another."""
+
+    def __init__(self, countdown: float | None = None, exc: BaseException | None = None):
+        super().__init__(f"retry requested (countdown={countdown})")
+        self.countdown = countdown
+        self.exc = exc
+
+
+class NotRetryable(Error):
+    """The job can never succeed (unknown task, arguments that do not fit): fail it at once."""

@@ -1,0 +1,154 @@
+"""Running one claimed job and deciding its outcome. Pure: no database, so it is tested without one.
+
+The outcome is one of three: Succeeded (with the result as JSON text), RetryLater (with a delay), or
+Failed. Errors that can never succeed — an unknown task name, arguments that do not fit the function,
+a result that is not JSON — fail at once instead of burning the remaining attempts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback as tb_module
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import retry, serialization
+from .errors import NotRetryable, Retry, SerializationError
+from .tasks import Request, Task, run_with_request
+
+MAX_TRACEBACK_CHARS = 20_000
+MAX_MESSAGE_CHARS = 4_000
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    queue: str
+    task_name: str
+    args: Any
+    kwargs: Any
+    priority: int
+    attempt: int
+    max_attempts: int
+    retry_backoff: float
+    lease_seconds: int
+    ignore_result: bool
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    type_name: str
+    message: str
+    traceback: str | None
+
+    def summary(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+    def entry(self, attempt: int) -> str:
+        """The JSON of one attempt's error, as kept in ``jobs.errors`` (the database adds ``at``)."""
+        return serialization.dumps(
+            {"attempt": attempt, "type": self.type_name, "message": self.message, "traceback": self.traceback},
+            what="an error record",
+        )
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    result_json: str | None
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    delay: float
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ErrorInfo
+
+
+Outcome = Succeeded | RetryLater | Failed
+
+
+def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None) -> Outcome:
+    """Run *job* with the task registered under its name and say how it ended. Never raises."""
+    try:
+        task = tasks.get(job.task_name)
+        if task is None:
+            raise NotRetryable(f"unknown task {job.task_name!r}: no task of that name is registered in this worker")
+        call = _bind_call(task, job)
+        request = Request(
+            id=job.id, task_name=job.task_name, attempt=job.attempt, max_attempts=job.max_attempts,
+            queue=job.queue, args=job.args, kwargs=job.kwargs, worker_id=worker_id,
+        )
+        value = run_with_request(request, call)
+        if job.ignore_result:
+            return Succeeded(None)
+        try:
+            return Succeeded(serialization.dumps(value, what=f"the result of {job.task_name}"))
+        except SerializationError as exc:
+            raise NotRetryable(str(exc)) from None
+    except NotRetryable as exc:
+        return Failed(ErrorInfo("NotRetryable", _safe_str(exc), None))
+    except Retry as exc:
+        return _after_retry_request(job, exc)
+    except Exception as exc:  # the task's own failure: retry while attempts are left
+        return _after_error(job, describe(exc))
+    except BaseException as exc:  # SystemExit / KeyboardInterrupt inside a task must not kill the worker
+        return _after_error(job, describe(exc))
+
+
+def _bind_call(task: Task, job: ClaimedJob) -> Any:
+    if not isinstance(job.args, list) or not isinstance(job.kwargs, dict):
+        raise NotRetryable(
+            f"malformed job: args must be a JSON array and kwargs a JSON object, got "
+            f"{type(job.args).__name__} and {type(job.kwargs).__name__}"
+        )
+    args, kwargs = job.args, job.kwargs
+    signature_args = [task, *args] if task.bind else args
+    try:
+        inspect.signature(task.fn).bind(*signature_args, **kwargs)
+    except TypeError as exc:
+        raise NotRetryable(f"arguments do not match {job.task_name}{inspect.signature(task.fn)}: {exc}") from None
+    except ValueError:  # no signature to check (some builtins): let the call itself decide
+        pass
+    return lambda: task(*args, **kwargs)
+
+
+def _after_error(job: ClaimedJob, error: ErrorInfo) -> Outcome:
+    if job.attempt >= job.max_attempts:
+        return Failed(error)
+    return RetryLater(retry.backoff_seconds(job.attempt, job.retry_backoff), error)
+
+
+def _after_retry_request(job: ClaimedJob, request: Retry) -> Outcome:
+    if request.exc is not None:
+        error = describe(request.exc)
+    else:
+        error = ErrorInfo("Retry", "the task asked to be retried", None)
+    if job.attempt >= job.max_attempts:
+        return Failed(ErrorInfo(error.type_name, f"{error.message} (no attempts left: {job.max_attempts} used)",
+                                error.traceback))
+    delay = request.countdown if request.countdown is not None else retry.backoff_seconds(
+        job.attempt, job.retry_backoff
+    )
+    return RetryLater(max(0.0, float(delay)), error)
+
+
+def describe(exc: BaseException) -> ErrorInfo:
+    """Type name, message and traceback text of *exc*, even when its ``__str__`` itself raises."""
+    try:
+        text = "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        text = None
+    return ErrorInfo(type(exc).__name__, _safe_str(exc)[:MAX_MESSAGE_CHARS],
+                     text[-MAX_TRACEBACK_CHARS:] if text else None)
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"

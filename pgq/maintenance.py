@@ -1,0 +1,142 @@
+"""Background duties of every worker, each callable once (``run_once``) so tests drive them directly.
+
+- heartbeat: extend the leases of the jobs this worker runs, and refresh its row in ``pgq.workers``;
+- rescue: give back jobs whose lease expired on any worker (killed, partitioned, frozen). Every worker
+  runs it; ``FOR UPDATE SKIP LOCKED`` shares the work without a leader or an advisory lock, so it keeps
+  working behind PgBouncer in transaction mode.
+
+Rescue is what makes delivery at-least-once rather than at-most-once: a job whose worker died after the
+task's side effects but before recording success runs again. Tasks must be idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from . import db, retry, sql
+from .errors import DatabaseUnavailable
+from .executor import ClaimedJob
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("pgq.worker")
+
+RESCUE_BATCH = 1000
+#: A worker row not refreshed for this long belongs to a dead worker and is deleted.
+FORGET_WORKERS_AFTER = 600.0
+
+
+def rescue_expired(conn: psycopg.Connection, limit: int = RESCUE_BATCH) -> list[tuple]:
+    """Rescue up to *limit* jobs whose lease has expired; returns (id, new status, task, attempt, max)."""
+    rows = conn.execute(sql.RESCUE, {"limit": limit, "max_backoff": retry.MAX_BACKOFF_SECONDS}).fetchall()
+    for job_id, status, task_name, attempts, max_attempts in rows:
+        if status == "failed":
+            log.error("job %d %s lost its worker on all %d attempts: failed", job_id, task_name, attempts)
+        else:
+            log.warning("job %d %s: lease expired on attempt %d/%d (worker lost); will run again",
+                        job_id, task_name, attempts, max_attempts)
+    return rows
+
+
+class Keeper:
+    """The worker's heartbeat and rescue service."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._last_rescue = 0.0
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.worker.app.database_url, role="worker", autocommit=True)
+        return self._conn
+
+    def interval(self) -> float:
+        """A third of the shortest lease held (so two heartbeats may fail before a lease runs out),
+        between 0.2 s and 10 s, and never longer than the rescue interval."""
+        leases = [lease for _, _, lease in self.worker.held_tokens()]
+        base = min(leases) / 3 if leases else 10.0
+        return max(0.2, min(base, 10.0, self.worker.rescue_interval))
+
+    def run_once(self) -> None:
+        conn = self._connection()
+        self.heartbeat(conn)
+        if time.monotonic() - self._last_rescue >= self.worker.rescue_interval:
+            self._last_rescue = time.monotonic()
+            if rescue_expired(conn):
+                self.worker._wake.set()
+
+    def heartbeat(self, conn: psycopg.Connection) -> None:
+        w = self.worker
+        conn.execute(sql.WORKER_HEARTBEAT, {
+            "id": w.id, "hostname": db.hostname(), "pid": os.getpid(),
+            "queues": json.dumps(w.queues), "concurrency": w.concurrency,
+        })
+        tokens = w.held_tokens()
+        if tokens:
+            rows = conn.execute(sql.EXTEND_LEASES, {"ids": [t[0] for t in tokens],
+                                                    "attempts": [t[1] for t in tokens]}).fetchall()
+            kept = {row[0] for row in rows}
+            lost = [t[0] for t in tokens if t[0] not in kept]
+            if lost:
+                w.lost_leases(lost)
+
+    def loop(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                delay = 0.1
+                self._stop.wait(self.interval())
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                log.warning("database unavailable (heartbeat): %s; retrying in %.1f s", exc, delay)
+                self._close()
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def abandon(self, jobs: list[ClaimedJob]) -> None:
+        """Shutdown left these jobs running: record the attempt as failed by the shutdown and schedule
+        the next one now, instead of making them wait for their lease to expire."""
+        if not jobs:
+            self._close()
+            return
+        message = "the worker shut down before the job finished"
+        entry = json.dumps({"type": "WorkerShutdown", "message": message})
+        try:
+            conn = self._connection()
+            for job in jobs:
+                params = {"id": job.id, "attempt": job.attempt, "delay": 0.0, "entry": entry,
+                          "error": f"WorkerShutdown: {message}", "error_type": "WorkerShutdown",
+                          "error_message": message, "traceback": None}
+                # The attempt counts, or a job longer than every deploy's grace would loop forever.
+                conn.execute(sql.FAIL if job.attempt >= job.max_attempts else sql.RETRY, params)
+            log.warning("handed back %d job(s) still running at shutdown", len(jobs))
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            log.warning("could not hand back %d running job(s) (%s); their leases will expire", len(jobs), exc)
+        finally:
+            self._close()
+
+    def deregister(self) -> None:
+        try:
+            with db.connect(self.worker.app.database_url, role="worker", autocommit=True) as conn:
+                conn.execute(sql.WORKER_DEREGISTER, {"id": self.worker.id})
+                conn.execute(sql.WORKERS_FORGET_STALE, {"after": FORGET_WORKERS_AFTER})
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            log.warning("could not remove worker row (%s)", exc)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,87 @@
+"""Create or upgrade pgq's schema with Alembic, from a source checkout or an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from . import sql
+from .errors import ConfigurationError
+
+
+def migrations_dir() -> Path:
+    """The wheel carries the migrations inside the package; a source checkout keeps them at the top."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise ConfigurationError(f"pgq's migrations are missing (looked in {here / 'migrations'})")
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _engine(url: str) -> sa.Engine:
+    # The URL may be a libpq URL or a conninfo string; psycopg parses both, SQLAlchemy only the first.
+    return sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(url, application_name="pgq-migrate"),
+        poolclass=sa.pool.NullPool,
+    )
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring pgq's schema to *revision*. Idempotent; concurrent callers wait for each other."""
+    cfg = alembic_config()
+    engine = _engine(url)
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def downgrade(url: str, revision: str) -> None:
+    cfg = alembic_config()
+    engine = _engine(url)
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(conn: psycopg.Connection) -> str | None:
+    """The revision the database is at, or None when pgq's schema is not there."""
+    row = conn.execute(sql.SCHEMA_EXISTS).fetchone()
+    if not row or not row[0]:
+        return None
+    row = conn.execute(sql.SCHEMA_VERSION).fetchone()
+    return row[0] if row else None
+
+
+def check(conn: psycopg.Connection) -> None:
+    """Raise a ConfigurationError that tells the user what to run when the schema is missing or old."""
+    current = current_revision(conn)
+    if current is None:
+        raise ConfigurationError("pgq's schema is not in this database: run `pgq migrate` first")
+    head = head_revision()
+    if current != head:
+        raise ConfigurationError(
+            f"pgq's schema is at revision {current} but this pgq needs {head}: run `pgq migrate`"
+        )

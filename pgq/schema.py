@@ -1,0 +1,122 @@
+"""pgq's tables, declared once. The Alembic revisions in ``migrations/`` follow these declarations,
+and a test compares the migrated database against them.
+
+Storage choices, and why:
+- ``jobs`` keeps every job, finished or not; the claim only ever walks ``jobs_claim_idx``, a partial
+  index over the waiting rows, so finished rows piling up do not slow claiming down.
+- ``results`` is separate: ``get()`` polls one narrow primary-key row, and the hot ``jobs`` rows stay
+  small. There is no foreign key so that pruning either table never waits on the other.
+- ``attempts`` is the fencing token: each claim increments it, and every later write for that
+  attempt says ``WHERE id = … AND attempts = … AND status = 'running'``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from .states import ALL, TERMINAL, WAITING
+
+SCHEMA = "pgq"
+
+metadata = MetaData(schema=SCHEMA)
+
+
+def _in(column: str, states: tuple) -> str:
+    return f"{column} IN ({', '.join(repr(str(s)) for s in states)})"
+
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("queue", Text, nullable=False, server_default="default"),
+    Column("task_name", Text, nullable=False),
+    Column("args", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("kwargs", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("status", Text, nullable=False, server_default="queued"),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="3"),
+    Column("retry_backoff", Float, nullable=False, server_default="2"),
+    Column("lease_seconds", Integer, nullable=False, server_default="30"),
+    Column("ignore_result", Boolean, nullable=False, server_default=text("false")),
+    Column("run_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("worker_id", Text),
+    Column("last_error", Text),
+    Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint(_in("status", ALL), name="jobs_status_check"),
+    CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_check"),
+    CheckConstraint("lease_seconds >= 1", name="jobs_lease_seconds_check"),
+    CheckConstraint("task_name <> '' AND queue <> ''", name="jobs_names_check"),
+    CheckConstraint(
+        "status <> 'running' OR (lease_expires_at IS NOT NULL AND worker_id IS NOT NULL)",
+        name="jobs_running_lease_check",
+    ),
+)
+
+# What the claim walks: waiting rows only, in claim order. Finished rows are not in it at all.
+Index(
+    "jobs_claim_idx",
+    jobs.c.queue,
+    jobs.c.priority.desc(),
+    jobs.c.run_at,
+    jobs.c.id,
+    postgresql_where=text(_in("status", WAITING)),
+)
+# What the rescuer walks: running rows by lease expiry.
+Index(
+    "jobs_lease_idx",
+    jobs.c.lease_expires_at,
+    postgresql_where=text("status = 'running'"),
+)
+# Inspection and pruning: finished rows by age.
+Index(
+    "jobs_finished_idx",
+    jobs.c.finished_at,
+    postgresql_where=text(_in("status", TERMINAL)),
+)
+
+results = Table(
+    "results",
+    metadata,
+    Column("job_id", BigInteger, primary_key=True),
+    Column("status", Text, nullable=False),
+    Column("result", JSONB),
+    Column("error_type", Text),
+    Column("error_message", Text),
+    Column("traceback", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint(_in("status", TERMINAL), name="results_status_check"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", JSONB, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("last_heartbeat_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)

@@ -1,0 +1,189 @@
+"""Every statement pgq runs at runtime, each with its purpose.
+
+Values are always bound parameters (``%(name)s``; psycopg 3 and psycopg2 both speak this style, which
+is what lets SQLAlchemy users enqueue through whatever driver their engine uses). The schema name is a
+constant of pgq, not configuration, so it is written into the text. All time arithmetic uses the
+database clock: Python sends durations, never timestamps to compare against.
+"""
+
+from __future__ import annotations
+
+# Enqueue one job. `eta` (an absolute, timezone-aware instant the user chose) wins over `countdown`
+# (seconds from the database's now). The NOTIFY is sent by the jobs_notify trigger at commit.
+ENQUEUE = """
+INSERT INTO pgq.jobs (queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
+                      lease_seconds, ignore_result, run_at)
+VALUES (%(queue)s, %(task_name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
+        %(retry_backoff)s, %(lease_seconds)s, %(ignore_result)s,
+        COALESCE(%(eta)s::timestamptz, now() + make_interval(secs => COALESCE(%(countdown)s::float8, 0))))
+RETURNING id
+"""
+
+# Claim up to `limit` due jobs of the given queues. The CTE is the optimization fence that makes LIMIT
+# mean what it says: as an `IN (subquery)` the locking subquery may be re-run and claim more rows.
+# SKIP LOCKED lets concurrent workers pass each other instead of queueing on the same rows. Each claim
+# increments `attempts`, which is the fencing token of everything this attempt writes later.
+CLAIM = """
+WITH picked AS (
+    SELECT id FROM pgq.jobs
+    WHERE status IN ('queued', 'retrying') AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgq.jobs AS j
+SET status = 'running', attempts = j.attempts + 1, worker_id = %(worker_id)s, started_at = now(),
+    lease_expires_at = now() + make_interval(secs => j.lease_seconds)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.queue, j.task_name, j.args, j.kwargs, j.priority, j.attempts, j.max_attempts,
+          j.retry_backoff, j.lease_seconds, j.ignore_result
+"""
+
+# Record many successes at once, fenced: only rows still `running` under the same attempt change.
+# Returns the ids that were recorded; a missing id means this worker had lost that job's lease.
+COMPLETE_MANY = """
+WITH done AS (
+    UPDATE pgq.jobs AS j
+    SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
+    WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
+    RETURNING j.id, j.ignore_result
+), saved AS (
+    INSERT INTO pgq.results (job_id, status, result)
+    SELECT r.id, 'succeeded', r.result::jsonb
+    FROM unnest(%(ids)s::bigint[], %(results)s::text[]) AS r(id, result)
+    JOIN done ON done.id = r.id AND NOT done.ignore_result
+    ON CONFLICT (job_id) DO UPDATE
+    SET status = excluded.status, result = excluded.result, error_type = NULL, error_message = NULL,
+        traceback = NULL, created_at = now()
+)
+SELECT id FROM done
+"""
+
+# One failed attempt that will be tried again after `delay` seconds, fenced like COMPLETE_MANY.
+RETRY = """
+UPDATE pgq.jobs
+SET status = 'retrying', lease_expires_at = NULL,
+    run_at = now() + make_interval(secs => %(delay)s::float8),
+    last_error = %(error)s,
+    errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
+WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'running'
+RETURNING id
+"""
+
+# The job ends `failed` (attempts exhausted, or it can never succeed), with its error kept for get().
+FAIL = """
+WITH failed AS (
+    UPDATE pgq.jobs
+    SET status = 'failed', finished_at = now(), lease_expires_at = NULL, last_error = %(error)s,
+        errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
+    WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'running'
+    RETURNING id
+)
+INSERT INTO pgq.results (job_id, status, error_type, error_message, traceback)
+SELECT id, 'failed', %(error_type)s, %(error_message)s, %(traceback)s FROM failed
+ON CONFLICT (job_id) DO UPDATE
+SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+    error_message = excluded.error_message, traceback = excluded.traceback, created_at = now()
+RETURNING job_id
+"""
+
+# Heartbeat: push the leases of the jobs this worker is running further out. Returns the ids still
+# held; any other id was rescued and possibly re-claimed elsewhere (this worker was frozen too long).
+EXTEND_LEASES = """
+UPDATE pgq.jobs AS j
+SET lease_expires_at = now() + make_interval(secs => j.lease_seconds)
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
+WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
+RETURNING j.id
+"""
+
+# Undo claims of jobs that never started (shutdown): the attempt is given back, so a clean restart
+# costs a job nothing.
+RELEASE = """
+UPDATE pgq.jobs AS j
+SET status = CASE WHEN j.attempts > 1 THEN 'retrying' ELSE 'queued' END,
+    attempts = j.attempts - 1, lease_expires_at = NULL, worker_id = NULL
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
+WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
+RETURNING j.id
+"""
+
+# Rescue jobs whose lease expired (their worker was killed, lost its machine, or froze): the attempt
+# counts, and a job lost on its last attempt ends `failed` with a reason that says so. SKIP LOCKED and
+# the re-checked WHERE make it safe for every worker to run this at once, without advisory locks.
+RESCUE = """
+WITH expired AS (
+    SELECT id FROM pgq.jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE pgq.jobs AS j
+    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'retrying' END,
+        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        run_at = now() + make_interval(secs => least(%(max_backoff)s, power(j.retry_backoff, j.attempts))),
+        lease_expires_at = NULL,
+        last_error = CASE WHEN j.attempts >= j.max_attempts
+            THEN 'lost its worker on every attempt (' || j.attempts || ' of ' || j.max_attempts
+                 || '): the lease expired each time; the task may be killing or hanging its worker'
+            ELSE 'lease expired on attempt ' || j.attempts || ' of ' || j.max_attempts
+                 || ': worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating (killed, crashed or partitioned)'
+        END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired', 'worker', j.worker_id,
+            'message', 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating'))
+    FROM expired
+    WHERE j.id = expired.id AND j.status = 'running'
+    RETURNING j.id, j.status, j.task_name, j.attempts, j.max_attempts, j.last_error
+), saved AS (
+    INSERT INTO pgq.results (job_id, status, error_type, error_message)
+    SELECT id, 'failed', 'LeaseExpired', last_error FROM rescued WHERE status = 'failed'
+    ON CONFLICT (job_id) DO UPDATE
+    SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+        error_message = excluded.error_message, traceback = NULL, created_at = now()
+)
+SELECT id, status, task_name, attempts, max_attempts FROM rescued
+"""
+
+# A worker announces itself, and refreshes its row on every heartbeat.
+WORKER_HEARTBEAT = """
+INSERT INTO pgq.workers (id, hostname, pid, queues, concurrency)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+"""
+
+WORKER_DEREGISTER = "DELETE FROM pgq.workers WHERE id = %(id)s"
+
+# Workers that have not heartbeated for a long time are gone (killed); forget them.
+WORKERS_FORGET_STALE = """
+DELETE FROM pgq.workers WHERE last_heartbeat_at < now() - make_interval(secs => %(after)s::float8)
+"""
+
+# What get() and .status read: the job's state and its stored outcome, in one round trip.
+FETCH_RESULT = """
+SELECT j.status, r.status, r.result, r.error_type, r.error_message, r.traceback
+FROM (SELECT %(id)s::bigint AS id) AS q
+LEFT JOIN pgq.jobs AS j ON j.id = q.id
+LEFT JOIN pgq.results AS r ON r.job_id = q.id
+"""
+
+# `pgq status`: jobs per queue and state, and how long the oldest waiting job has been due.
+STATUS_COUNTS = """
+SELECT queue, status, count(*) AS jobs,
+       max(now() - run_at) FILTER (WHERE status IN ('queued', 'retrying') AND run_at <= now()) AS oldest_due
+FROM pgq.jobs
+GROUP BY queue, status
+ORDER BY queue, status
+"""
+
+WORKERS_ALIVE = """
+SELECT id, hostname, pid, queues, concurrency, started_at, now() - last_heartbeat_at AS since_heartbeat
+FROM pgq.workers ORDER BY started_at
+"""
+
+# Is pgq's schema there? Then SCHEMA_VERSION says at which revision.
+SCHEMA_EXISTS = "SELECT to_regclass('pgq.alembic_version') IS NOT NULL"
+SCHEMA_VERSION = "SELECT version_num FROM pgq.alembic_version"

@@ -1,0 +1,446 @@
+"""The worker: claims due jobs, runs them on a pool, records outcomes, keeps its leases alive.
+
+Threads, and what each owns:
+- the main loop claims jobs into free slots and sleeps until woken (NOTIFY, a freed slot, or the poll
+  interval for jobs whose run_at arrives and for notifications lost in an outage);
+- the listener holds the LISTEN connection and wakes the main loop;
+- the runners (``concurrency`` of them; none with ``pool="solo"``, where the main loop runs the job)
+  execute tasks — no transaction is open while user code runs;
+- the recorder writes outcomes, many successes in one fenced statement;
+- the keeper heartbeats: extends the leases of running jobs, refreshes the worker row, and rescues
+  jobs whose lease expired anywhere (see :mod:`pgq.maintenance`).
+
+Every thread survives a lost database: it logs, backs off, reconnects, and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_mod
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from . import db, executor, maintenance, migrate, sql
+from .errors import DatabaseUnavailable
+from .executor import ClaimedJob, Failed, Outcome, RetryLater, Succeeded
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("pgq.worker")
+
+NOTIFY_CHANNEL = "pgq_jobs"
+
+
+@dataclass
+class _Held:
+    """A job this worker claimed and has not yet recorded the outcome of."""
+
+    job: ClaimedJob
+    started: float | None = None  # monotonic time the task began, None while waiting for a runner
+
+
+class Worker:
+    """Runs the tasks of *app* from *queues*.
+
+    Settings (each is also a ``pgq worker`` flag with a ``PGQ_*`` environment twin):
+
+    - ``concurrency``: jobs run at once (threads). Too low leaves the CPU or I/O idle; too high holds
+      more leases than the worker can heartbeat promptly and, for CPU-bound tasks, gains nothing
+      under the GIL. Default: the CPU count.
+    - ``poll_interval``: seconds between polls when no NOTIFY arrives. It bounds how late a job with a
+      future ``run_at`` (eta, countdown, retry backoff) starts. Too low costs a query per interval per
+      worker; too high delays scheduled jobs, and all jobs when ``listen`` is off. Default 1 s.
+    - ``shutdown_grace``: seconds running jobs get to finish after SIGTERM. Jobs still running then are
+      handed back as a failed attempt. Too low interrupts long jobs on every deploy; too high makes
+      deploys slow. Default 30 s.
+    - ``listen``: wake on NOTIFY. Off behind PgBouncer in transaction mode, which cannot LISTEN.
+    - ``rescue_interval``: seconds between sweeps for jobs whose lease expired on a dead worker. Lost
+      jobs restart after their lease plus up to this much. Default 5 s.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Iterable[str] | str = ("default",),
+        concurrency: int | None = None,
+        pool: str = "threads",
+        poll_interval: float = 1.0,
+        shutdown_grace: float = 30.0,
+        listen: bool = True,
+        rescue_interval: float = 5.0,
+        worker_id: str | None = None,
+    ):
+        if isinstance(queues, str):
+            queues = [q.strip() for q in queues.split(",") if q.strip()]
+        self.queues = list(dict.fromkeys(queues)) or ["default"]
+        if pool not in ("threads", "solo"):
+            raise ValueError(f"pool must be 'threads' or 'solo', got {pool!r}")
+        self.pool = pool
+        self.concurrency = 1 if pool == "solo" else max(1, concurrency or os.cpu_count() or 1)
+        self.poll_interval = poll_interval
+        self.shutdown_grace = shutdown_grace
+        self.listen = listen
+        self.rescue_interval = rescue_interval
+        self.app = app
+        self.id = worker_id or f"{db.hostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+        self._held: dict[int, _Held] = {}
+        self._held_lock = threading.Lock()
+        self._ready: queue_mod.Queue[ClaimedJob | None] = queue_mod.Queue()
+        self._outcomes: queue_mod.Queue[tuple[ClaimedJob, Outcome]] = queue_mod.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()  # stop claiming
+        self._hurry = threading.Event()  # second signal: stop waiting for running jobs
+        self._recorder_done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._runners: list[threading.Thread] = []
+        self._claim_conn: psycopg.Connection | None = None
+        self.keeper = maintenance.Keeper(self)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, *, install_signals: bool = True) -> None:
+        """Run until stop() or SIGTERM/SIGINT, then shut down gracefully."""
+        url = self.app.database_url
+        with db.connect(url, role="worker", autocommit=True) as conn:
+            migrate.check(conn)
+        if install_signals and threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        log.info("worker %s started: queues=%s concurrency=%d pool=%s listen=%s",
+                 self.id, ",".join(self.queues), self.concurrency, self.pool, self.listen)
+        self._start_threads()
+        try:
+            self._claim_loop()
+        finally:
+            self._shutdown()
+
+    @contextmanager
+    def running(self) -> Iterator[Worker]:
+        """Run in a background thread for the duration of a ``with`` block (examples, tests)."""
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self.run(install_signals=False)
+            except BaseException as exc:  # surfaced to the caller below
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, name="pgq-worker", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def stop(self, *, hurry: bool = False) -> None:
+        """Stop claiming and shut down; running jobs get ``shutdown_grace`` seconds unless *hurry*."""
+        self._stopping.set()
+        if hurry:
+            self._hurry.set()
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self._stopping.is_set():
+                log.warning("second %s: not waiting for running jobs any longer", signal.Signals(signum).name)
+                self.stop(hurry=True)
+            else:
+                log.info("%s received: finishing running jobs (up to %.0f s), claiming no more",
+                         signal.Signals(signum).name, self.shutdown_grace)
+                self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _start_threads(self) -> None:
+        specs: list[tuple[str, Callable[[], None]]] = [("pgq-recorder", self._record_loop),
+                                                       ("pgq-keeper", self.keeper.loop)]
+        if self.listen:
+            specs.append(("pgq-listener", self._listen_loop))
+        for name, target in specs:
+            self._threads.append(threading.Thread(target=target, name=name, daemon=True))
+        if self.pool == "threads":
+            for i in range(self.concurrency):
+                self._runners.append(threading.Thread(target=self._runner_loop, name=f"pgq-runner-{i}", daemon=True))
+        for thread in self._threads + self._runners:
+            thread.start()
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            free = self.concurrency - self.held_count()
+            claimed: list[ClaimedJob] = []
+            if free > 0:
+                try:
+                    claimed = self._claim(free)
+                    backoff.reset()
+                except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                    self._drop_claim_conn()
+                    backoff.wait(self._stopping, "claim", exc)
+                    continue
+                for job in claimed:
+                    self._dispatch(job)
+            if claimed and len(claimed) == free:
+                continue  # there may be more due jobs; claim again as slots free
+            self._wake.wait(self.poll_interval)
+
+    def _claim(self, limit: int) -> list[ClaimedJob]:
+        if self._claim_conn is None or self._claim_conn.closed:
+            self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True)
+        rows = self._claim_conn.execute(
+            sql.CLAIM, {"queues": self.queues, "limit": limit, "worker_id": self.id}
+        ).fetchall()
+        jobs = [ClaimedJob(*row) for row in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.id))
+        with self._held_lock:
+            for job in jobs:
+                self._held[job.id] = _Held(job)
+        return jobs
+
+    def _drop_claim_conn(self) -> None:
+        if self._claim_conn is not None:
+            self._claim_conn.close()
+            self._claim_conn = None
+
+    def _dispatch(self, job: ClaimedJob) -> None:
+        if self.pool == "solo":
+            self._execute(job)
+        else:
+            self._ready.put(job)
+
+    def held_count(self) -> int:
+        with self._held_lock:
+            return len(self._held)
+
+    def held_tokens(self) -> list[tuple[int, int, int]]:
+        """(id, attempt, lease_seconds) of every job this worker holds a lease on."""
+        with self._held_lock:
+            return [(h.job.id, h.job.attempt, h.job.lease_seconds) for h in self._held.values()]
+
+    def lost_leases(self, ids: Iterable[int]) -> None:
+        """The keeper found these jobs no longer ours: stop heartbeating them."""
+        with self._held_lock:
+            for job_id in ids:
+                held = self._held.pop(job_id, None)
+                if held is not None:
+                    log.warning("job %d %s: lease lost (rescued by another worker after it expired); "
+                                "its outcome here will be discarded", job_id, held.job.task_name)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _runner_loop(self) -> None:
+        while True:
+            job = self._ready.get()
+            if job is None:
+                return
+            self._execute(job)
+
+    def _execute(self, job: ClaimedJob) -> None:
+        with self._held_lock:
+            held = self._held.get(job.id)
+            if held is not None:
+                held.started = time.monotonic()
+        started = time.monotonic()
+        log.info("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
+        outcome = executor.run(self.app.tasks, job, self.id)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if isinstance(outcome, Succeeded):
+            log.info("job %d %s succeeded in %.1f ms", job.id, job.task_name, elapsed_ms)
+        elif isinstance(outcome, RetryLater):
+            log.warning("job %d %s attempt %d/%d failed in %.1f ms (%s); retrying in %.1f s", job.id,
+                        job.task_name, job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary(),
+                        outcome.delay)
+        else:
+            log.error("job %d %s failed for good on attempt %d/%d in %.1f ms: %s", job.id, job.task_name,
+                      job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary())
+        self._outcomes.put((job, outcome))
+
+    # --- recording outcomes --------------------------------------------------------------------
+
+    def _record_loop(self) -> None:
+        conn: psycopg.Connection | None = None
+        backoff = _Backoff()
+        batch: list[tuple[ClaimedJob, Outcome]] = []
+        while True:
+            if not batch:
+                try:
+                    batch.append(self._outcomes.get(timeout=0.2))
+                except queue_mod.Empty:
+                    if self._recorder_done.is_set():
+                        break
+                    continue
+            # Everything else already finished goes in the same round trip (up to 500).
+            while len(batch) < 500:
+                try:
+                    batch.append(self._outcomes.get_nowait())
+                except queue_mod.Empty:
+                    break
+            try:
+                if conn is None or conn.closed:
+                    conn = db.connect(self.app.database_url, role="worker", autocommit=True)
+                self._record(conn, batch)
+                backoff.reset()
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                # Keep the batch and try again: the outcome is not lost while the lease holds, and if
+                # the lease ran out meanwhile the fence makes the late write a no-op.
+                if conn is not None:
+                    conn.close()
+                conn = None
+                backoff.wait(self._hurry, "record outcomes", exc)
+                if self._hurry.is_set():
+                    break
+                continue
+            self._forget([job.id for job, _ in batch])
+            batch = []
+        if conn is not None:
+            conn.close()
+
+    def _record(self, conn: psycopg.Connection, batch: list[tuple[ClaimedJob, Outcome]]) -> None:
+        successes = [(job, o) for job, o in batch if isinstance(o, Succeeded)]
+        with conn.transaction():
+            if successes:
+                rows = conn.execute(sql.COMPLETE_MANY, {
+                    "ids": [job.id for job, _ in successes],
+                    "attempts": [job.attempt for job, _ in successes],
+                    "results": [o.result_json for _, o in successes],
+                }).fetchall()
+                recorded = {row[0] for row in rows}
+                for job, _ in successes:
+                    if job.id not in recorded:
+                        self._log_fenced(job, "success")
+            for job, outcome in batch:
+                if isinstance(outcome, RetryLater):
+                    row = conn.execute(sql.RETRY, {
+                        "id": job.id, "attempt": job.attempt, "delay": outcome.delay,
+                        "error": outcome.error.summary(), "entry": outcome.error.entry(job.attempt),
+                    }).fetchone()
+                    if row is None:
+                        self._log_fenced(job, "retry")
+                elif isinstance(outcome, Failed):
+                    row = conn.execute(sql.FAIL, {
+                        "id": job.id, "attempt": job.attempt, "error": outcome.error.summary(),
+                        "entry": outcome.error.entry(job.attempt), "error_type": outcome.error.type_name,
+                        "error_message": outcome.error.message, "traceback": outcome.error.traceback,
+                    }).fetchone()
+                    if row is None:
+                        self._log_fenced(job, "failure")
+
+    def _log_fenced(self, job: ClaimedJob, what: str) -> None:
+        log.warning("job %d %s attempt %d: lease lost before its %s was recorded; another attempt owns the "
+                    "job now, so this outcome is discarded", job.id, job.task_name, job.attempt, what)
+
+    def _forget(self, ids: list[int]) -> None:
+        with self._held_lock:
+            for job_id in ids:
+                self._held.pop(job_id, None)
+        self._wake.set()  # slots are free: claim more
+
+    # --- listening -----------------------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        backoff = _Backoff()
+        wanted = set(self.queues)
+        while not self._stopping.is_set():
+            try:
+                with db.connect(self.app.database_url, role="listener", autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff.reset()
+                    self._wake.set()  # anything enqueued while we were not listening is due now
+                    while not self._stopping.is_set():
+                        for notify in conn.notifies(timeout=1.0):
+                            if notify.payload in wanted:
+                                self._wake.set()
+                            if self._stopping.is_set():
+                                break
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                backoff.wait(self._stopping, "listen", exc)
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        # 1. Jobs claimed but not started go back at once, so another worker can take them now.
+        unstarted: list[ClaimedJob] = []
+        while True:
+            try:
+                job = self._ready.get_nowait()
+            except queue_mod.Empty:
+                break
+            if job is not None:
+                unstarted.append(job)
+        for _ in self._runners:
+            self._ready.put(None)
+        if unstarted:
+            self._release(unstarted)
+
+        # 2. Running jobs get the grace period (a second signal cuts it short).
+        deadline = time.monotonic() + self.shutdown_grace
+        for runner in self._runners:
+            while runner.is_alive() and not self._hurry.is_set() and time.monotonic() < deadline:
+                runner.join(timeout=0.1)
+
+        # 3. Record every outcome we have, then stop the other threads.
+        self._recorder_done.set()
+        for thread in self._threads:
+            if thread.name == "pgq-recorder":
+                thread.join(timeout=None if not self._hurry.is_set() else 2.0)
+        self.keeper.stop()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+
+        # 4. What still runs is abandoned: hand it back as a failed attempt (or leave it to lease expiry
+        #    when the database is unreachable).
+        abandoned = [h.job for h in list(self._held.values())]
+        self.keeper.abandon(abandoned)
+        self.keeper.deregister()
+        self._drop_claim_conn()
+        log.info("worker %s stopped", self.id)
+
+    def _release(self, jobs: list[ClaimedJob]) -> None:
+        try:
+            with db.connect(self.app.database_url, role="worker", autocommit=True) as conn:
+                rows = conn.execute(sql.RELEASE, {"ids": [j.id for j in jobs],
+                                                  "attempts": [j.attempt for j in jobs]}).fetchall()
+            log.info("released %d claimed but unstarted job(s)", len(rows))
+        except Exception as exc:
+            log.warning("could not release %d unstarted job(s) (%s); their leases will expire", len(jobs), exc)
+        with self._held_lock:
+            for job in jobs:
+                self._held.pop(job.id, None)
+
+
+class _Backoff:
+    """Exponential backoff for reconnecting: 0.1 s doubling to 5 s, logged once per outage step."""
+
+    def __init__(self) -> None:
+        self.delay = 0.1
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
+        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, _one_line(exc), self.delay)
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
