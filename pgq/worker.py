@@ -106,6 +106,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._runners: list[threading.Thread] = []
         self._claim_conn: psycopg.Connection | None = None
+        self._next_due: float | None = None  # monotonic time a retry this worker scheduled falls due
         self.keeper = maintenance.Keeper(self)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -199,7 +200,24 @@ class Worker:
                     self._dispatch(job)
             if claimed and len(claimed) == free:
                 continue  # there may be more due jobs; claim again as slots free
-            self._wake.wait(self.poll_interval)
+            self._wake.wait(self._sleep_time())
+
+    def _sleep_time(self) -> float:
+        """Until the next poll, or sooner when a retry this worker scheduled falls due before it."""
+        due = self._next_due
+        if due is None:
+            return self.poll_interval
+        # 5 ms past the due time, so the database's now() has passed run_at when we claim.
+        remaining = due + 0.005 - time.monotonic()
+        if remaining <= 0:
+            self._next_due = None  # the claim just made came after it: the retry was claimable
+            return 0.0
+        return min(self.poll_interval, remaining)
+
+    def _due_in(self, delay: float) -> None:
+        due = time.monotonic() + delay
+        if self._next_due is None or due < self._next_due:
+            self._next_due = due
 
     def _claim(self, limit: int) -> list[ClaimedJob]:
         if self._claim_conn is None or self._claim_conn.closed:
@@ -333,6 +351,8 @@ class Worker:
                     }).fetchone()
                     if row is None:
                         self._log_fenced(job, "retry")
+                    else:
+                        self._due_in(outcome.delay)
                 elif isinstance(outcome, Failed):
                     row = conn.execute(sql.FAIL, {
                         "id": job.id, "attempt": job.attempt, "error": outcome.error.summary(),
@@ -396,13 +416,14 @@ class Worker:
                 runner.join(timeout=0.1)
 
         # 3. Record every outcome we have, then stop the other threads.
+        #    The listener is not waited for: it notices the stop within a second on its own.
         self._recorder_done.set()
+        self.keeper.stop()
         for thread in self._threads:
             if thread.name == "pgq-recorder":
                 thread.join(timeout=None if not self._hurry.is_set() else 2.0)
-        self.keeper.stop()
-        for thread in self._threads:
-            thread.join(timeout=2.0)
+            elif thread.name == "pgq-keeper":
+                thread.join(timeout=2.0)
 
         # 4. What still runs is abandoned: hand it back as a failed attempt (or leave it to lease expiry
         #    when the database is unreachable).
