@@ -194,7 +194,9 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         table = [["(no jobs)", *("0" for _ in states), "-"]]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
+        click.echo("  ".join(cells))
     click.echo(f"\nworkers alive: {len(workers)}")
     for w in workers:
         click.echo(f"  {w[0]}  queues={','.join(w[3])}  concurrency={w[4]}  "

@@ -23,7 +23,7 @@ class SerializationError(EnqueueError, TypeError):
     """A value is not JSON-serializable (arguments at enqueue, or a task's return value)."""
 
 
-class TimeoutError(Error, TimeoutError):  # noqa: A001 - Celery's name, and still a builtin TimeoutError
+class TimeoutError(Error, TimeoutError):
     """``get(timeout=…)`` ran out of time before the job finished."""
 
 
@@ -47,7 +47,7 @@ class TaskCancelled(Error):
     """The job was cancelled before it could finish."""
 
 
-class Retry(Exception):  # noqa: N818 - Celery's name: `raise self.retry(...)`
+class Retry(Exception):
     """Raised by ``self.retry()`` inside a bound task: end this attempt and schedule another."""
 
     def __init__(self, countdown: float | None = None, exc: BaseException | None = None):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -12,6 +14,10 @@ from alembic.script import ScriptDirectory
 
 from . import sql
 from .errors import ConfigurationError
+
+# Alembic's environment runs through module-level proxies (alembic.context): one migration at a time per
+# process. Across processes, env.py's advisory lock serializes them.
+_in_process = threading.Lock()
 
 
 def migrations_dir() -> Path:
@@ -45,25 +51,23 @@ def _engine(url: str) -> sa.Engine:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring pgq's schema to *revision*. Idempotent; concurrent callers wait for each other."""
-    cfg = alembic_config()
-    engine = _engine(url)
-    try:
-        with engine.begin() as connection:
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
-    finally:
-        engine.dispose()
+    _run(url, command.upgrade, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
+    _run(url, command.downgrade, revision)
+
+
+def _run(url: str, action: Any, revision: str) -> None:
     cfg = alembic_config()
     engine = _engine(url)
     try:
-        with engine.begin() as connection:
+        with _in_process, engine.begin() as connection:
             cfg.attributes["connection"] = connection
-            command.downgrade(cfg, revision)
+            action(cfg, revision)
     finally:
         engine.dispose()
+
 
 
 def current_revision(conn: psycopg.Connection) -> str | None:

@@ -70,9 +70,8 @@ class AsyncResult:
         while True:
             outcome = self._outcome()
             if outcome is not _PENDING:
-                if isinstance(outcome, BaseException):
-                    if propagate or not isinstance(outcome, TaskFailed):
-                        raise outcome
+                if isinstance(outcome, BaseException) and (propagate or not isinstance(outcome, TaskFailed)):
+                    raise outcome
                 return outcome
             if deadline is not None:
                 remaining = deadline - time.monotonic()

@@ -130,7 +130,8 @@ WITH expired AS (
             THEN 'lost its worker on every attempt (' || j.attempts || ' of ' || j.max_attempts
                  || '): the lease expired each time; the task may be killing or hanging its worker'
             ELSE 'lease expired on attempt ' || j.attempts || ' of ' || j.max_attempts
-                 || ': worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating (killed, crashed or partitioned)'
+                 || ': worker ' || coalesce(j.worker_id, '?')
+                 || ' stopped heartbeating (killed, crashed or partitioned)'
         END,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired', 'worker', j.worker_id,

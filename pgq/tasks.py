@@ -35,7 +35,9 @@ class Request:
         return max(0, self.attempt - 1)
 
 
-_current_request: contextvars.ContextVar[Request] = contextvars.ContextVar("pgq_request", default=Request())
+_current_request: contextvars.ContextVar[Request] = contextvars.ContextVar(
+    "pgq_request", default=Request()  # noqa: B039 - Request is frozen; the default is never mutated
+)
 
 
 class Task:

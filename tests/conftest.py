@@ -96,3 +96,18 @@ def app(db_url: str) -> Iterator[pgq.App]:
     apps.app.set_database_url(db_url)
     yield apps.app
     apps.app.close()
+
+
+@pytest.fixture
+def empty_db_url(postgresql: psycopg.Connection) -> Iterator[str]:
+    """A database without pgq's schema (for migration and "not migrated" tests)."""
+    info = postgresql.info
+    name = f"{info.dbname}_empty"
+    admin = make_conninfo(host=info.host, port=info.port, user=info.user, dbname="postgres",
+                          password=info.password or "")
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        c.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(admin, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -101,9 +101,8 @@ def _check_outcome(app, conn, handle, outcome):
     else:
         assert _job_count(conn) == 0
         # A worker running now finds nothing: the rolled-back job never existed, and no wake-up ran it.
-        with app.worker(concurrency=1).running():
-            with pytest.raises(pgq.JobNotFound):
-                handle.get(timeout=1)
+        with app.worker(concurrency=1).running(), pytest.raises(pgq.JobNotFound):
+            handle.get(timeout=1)
         assert _job_count(conn) == 0
 
 
