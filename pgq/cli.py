@@ -13,7 +13,7 @@ from typing import Any
 import click
 import psycopg
 
-from . import db, migrate, sql
+from . import db, grants, migrate, sql
 from .app import App
 from .errors import ConfigurationError, Error
 from .states import ALL
@@ -201,6 +201,32 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     for w in workers:
         click.echo(f"  {w[0]}  queues={','.join(w[3])}  concurrency={w[4]}  "
                    f"last heartbeat {w[6].total_seconds():.1f} s ago")
+
+
+@main.command("grants")
+@click.option("--role", required=True, help="The PostgreSQL role to grant to (quoted as an identifier)")
+@click.option("--kind", type=click.Choice(list(grants.KINDS)), required=True,
+              help="producer: enqueue and read results; worker: claim, run and record jobs")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Run the statements against the database instead of printing them (needs the schema owner)")
+@click.pass_context
+def grants_cmd(ctx: click.Context, role: str, kind: str, apply_: bool) -> None:
+    """Print (or --apply) the exact GRANT statements a least-privilege role needs.
+
+    \b
+    Run migrations with the schema owner; give producers and workers these instead:
+      pgq grants --role web --kind producer
+      pgq grants --role jobs --kind worker
+    A process that both enqueues and runs jobs needs both.
+    """
+    if not apply_:
+        click.echo(grants.script(role, kind))
+        return
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli") as conn:
+        for statement in grants.statements(role, kind):
+            conn.execute(statement)
+    click.echo(f"granted {kind} privileges to {role}")
 
 
 def _age(delta: timedelta | None) -> str:

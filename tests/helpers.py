@@ -59,7 +59,8 @@ class WorkerProcess:
     def wait(self, timeout: float = 30.0) -> int:
         return self.proc.wait(timeout=timeout)
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """SIGTERM, wait, and return everything the worker logged."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -67,5 +68,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        output = self.output() if self.log_path.exists() else ""
         self._log.close()
         self.log_path.unlink(missing_ok=True)
+        return output

@@ -1,0 +1,53 @@
+"""Least-privilege roles: the exact GRANTs a producer and a worker need, nothing more.
+
+The migration role owns the ``pgq`` schema and is the only one that runs DDL; producers and workers
+should not be able to. The role name comes from the user, so it is quoted with ``sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from .schema import SCHEMA
+
+KINDS = ("producer", "worker")
+
+# (privileges, table) per kind. Why each one:
+_PRIVILEGES: dict[str, list[tuple[str, str]]] = {
+    "producer": [
+        # INSERT the job; SELECT because the insert says RETURNING id and get() reads the job's status.
+        ("SELECT, INSERT", "jobs"),
+        # get() reads the outcome.
+        ("SELECT", "results"),
+    ],
+    "worker": [
+        # Claim (SELECT … FOR UPDATE, UPDATE), heartbeat, complete, retry, fail, rescue, release.
+        ("SELECT, UPDATE", "jobs"),
+        # Record outcomes (INSERT … ON CONFLICT DO UPDATE needs SELECT and UPDATE too).
+        ("SELECT, INSERT, UPDATE", "results"),
+        # Register, heartbeat and deregister the worker; forget dead workers.
+        ("SELECT, INSERT, UPDATE, DELETE", "workers"),
+        # Check at start that the schema is migrated to the version the code expects.
+        ("SELECT", "alembic_version"),
+    ],
+}
+
+
+def statements(role: str, kind: str) -> list[sql.Composed]:
+    """The GRANT statements that let *role* act as a *kind* (``producer`` or ``worker``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not role:
+        raise ValueError("role must be a non-empty name")
+    ident = sql.Identifier(role)
+    schema = sql.Identifier(SCHEMA)
+    out = [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, ident)]
+    for privileges, table in _PRIVILEGES[kind]:
+        out.append(sql.SQL("GRANT {} ON {}.{} TO {}").format(
+            sql.SQL(privileges), schema, sql.Identifier(table), ident))
+    return out
+
+
+def script(role: str, kind: str) -> str:
+    """The statements as text, one per line, ready for psql."""
+    return "\n".join(stmt.as_string(None) + ";" for stmt in statements(role, kind))
