@@ -140,16 +140,23 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Wake on NOTIFY; --no-listen polls only (PgBouncer transaction mode) [env: PGQ_LISTEN=0]")
 @click.option("--rescue-interval", type=click.FloatRange(min=0.1), default=5.0, envvar="PGQ_RESCUE_INTERVAL",
               help="Seconds between sweeps for jobs whose lease expired [env: PGQ_RESCUE_INTERVAL]")
+@click.option("--prepare/--no-prepare", default=True, envvar="PGQ_PREPARE",
+              help="Use server-side prepared statements; --no-prepare for poolers that cannot keep them "
+                   "(PgBouncer < 1.21 in transaction mode) [env: PGQ_PREPARE=0]")
 @click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
               help="Log level (same as the global -l)")
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
-               shutdown_grace: float, listen: bool, rescue_interval: float, loglevel: str | None) -> None:
+               shutdown_grace: float, listen: bool, rescue_interval: float, prepare: bool,
+               loglevel: str | None) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
     for up to --shutdown-grace seconds; a second signal stops waiting. Exits 0.
     """
+    if not prepare:
+        # Process-wide: the worker's connections and the app's own pool (tasks that enqueue) both obey it.
+        os.environ["PGQ_PREPARE"] = "0"
     obj = ctx.find_root().obj
     obj["loglevel"] = loglevel or obj["loglevel"]
     setup_logging(obj["loglevel"])
