@@ -6,7 +6,7 @@ import atexit
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -17,6 +17,8 @@ from .tasks import Task
 
 if TYPE_CHECKING:
     from .worker import Worker
+
+T = TypeVar("T")
 
 
 class App:
@@ -66,6 +68,26 @@ class App:
                 pool = self._pool
         with pool.connection() as conn:
             yield conn
+
+    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run *work* in a transaction on pgq's own pool, committed when it returns.
+
+        Pooled connections can be dead without the pool knowing (the server restarted, backends
+        were terminated); checking each one before use would cost a round trip per enqueue. So
+        when *work* fails on a dead connection (before commit: the transaction cannot have
+        happened) the pool drops all its dead connections and *work* runs once more. A failure at
+        commit is not retried, since the commit may have happened.
+        """
+        for attempt in (1, 2):
+            with self.connection() as conn:
+                try:
+                    return work(conn)
+                except psycopg.OperationalError:
+                    if attempt == 2 or not conn.broken:
+                        raise
+            if self._pool is not None:
+                self._pool.check()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _open_pool(self) -> ConnectionPool:
         url = self.database_url
@@ -140,8 +162,7 @@ class App:
     def _enqueue(self, spec: enqueue.JobSpec, connection: Any) -> AsyncResult:
         if connection is not None:
             return AsyncResult(self, enqueue.insert(connection, spec))
-        with self.connection() as conn:
-            return AsyncResult(self, enqueue.insert(conn, spec))
+        return AsyncResult(self, self.run(lambda conn: enqueue.insert(conn, spec)))
 
     def result(self, job_id: int) -> AsyncResult:
         """A handle for a job whose id you know (Celery's ``AsyncResult(id)``)."""

