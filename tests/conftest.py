@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 import psycopg
+import psycopg.sql
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql import factories
@@ -132,3 +133,25 @@ def restart_postgres():
                bin_path=_server.bin_path, user=_server.system_user, timeout=30)
 
     return restart
+
+
+@pytest.fixture
+def password_role(conn, db_url) -> Iterator[tuple[str, str]]:
+    """A role that must give its password (scram), and its correct URL. The embedded test server
+    trusts local connections, so this adds a pg_hba.conf rule for that one role."""
+    if _server is None:
+        pytest.skip("needs the embedded test server's pg_hba.conf")
+    import uuid
+
+    role = f"pgq_pw_{uuid.uuid4().hex[:8]}"
+    hba = _server.pgdata / "pg_hba.conf"
+    original = hba.read_text()
+    conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'right-password'").format(psycopg.sql.Identifier(role)))
+    hba.write_text(f"local all {role} scram-sha-256\nhost all {role} all scram-sha-256\n{original}")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield role, make_conninfo(db_url, user=role, password="right-password")
+    finally:
+        hba.write_text(original)
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))

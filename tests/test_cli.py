@@ -100,3 +100,18 @@ def test_debug_shows_the_traceback(runner):
 def test_app_module_without_attribute_is_found(runner, db_url):
     result = runner.invoke(main, ["--database-url", db_url, "-A", "tests.apps", "status"])
     assert result.exit_code == 0, result.output
+
+
+def test_wrong_password_is_one_line(runner, password_role):
+    from psycopg.conninfo import make_conninfo
+
+    from tests.helpers import wait_for
+
+    role, good_url = password_role
+    # pg_reload_conf() is asynchronous: wait until the server asks for the password.
+    wait_for(lambda: runner.invoke(main, ["--database-url", make_conninfo(good_url, password="nope"), "status"])
+             .exit_code == 1, what="the password rule to be in force")
+    bad = runner.invoke(main, ["--database-url", make_conninfo(good_url, password="wrong"), "status"])
+    _one_line_error(bad, "password authentication failed", role)
+    good = runner.invoke(main, ["--database-url", good_url, "status"])
+    assert "password authentication failed" not in good.output
