@@ -143,12 +143,18 @@ def describe(exc: BaseException) -> ErrorInfo:
         text = "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
         text = None
-    return ErrorInfo(type(exc).__name__, _safe_str(exc)[:MAX_MESSAGE_CHARS],
-                     text[-MAX_TRACEBACK_CHARS:] if text else None)
+    return ErrorInfo(_storable(type(exc).__name__), _safe_str(exc)[:MAX_MESSAGE_CHARS],
+                     _storable(text[-MAX_TRACEBACK_CHARS:]) if text else None)
 
 
 def _safe_str(exc: BaseException) -> str:
     try:
-        return str(exc)
+        return _storable(str(exc))
     except Exception:
         return f"<unprintable {type(exc).__name__}>"
+
+
+def _storable(text: str) -> str:
+    """*text* as PostgreSQL can store it: NUL characters and lone surrogates are written as escapes
+    (an error message must never make its own recording fail)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -113,10 +113,10 @@ class Keeper:
             self._close()
             return
         message = "the worker shut down before the job finished"
-        entry = json.dumps({"type": "WorkerShutdown", "message": message})
         try:
             conn = self._connection()
             for job in jobs:
+                entry = json.dumps({"attempt": job.attempt, "type": "WorkerShutdown", "message": message})
                 params = {"id": job.id, "attempt": job.attempt, "delay": 0.0, "entry": entry,
                           "error": f"WorkerShutdown: {message}", "error_type": "WorkerShutdown",
                           "error_message": message, "traceback": None}

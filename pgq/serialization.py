@@ -4,17 +4,31 @@ safe to load from a database someone else can write to."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .errors import SerializationError
 
+# A NUL character in a string, as json.dumps writes it: "\u0000" preceded by an even number of
+# backslashes (an odd number means the backslash before "u0000" is itself an escaped backslash).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
 
 def dumps(value: Any, *, what: str) -> str:
-    """Serialize *value* for a jsonb column, or raise SerializationError naming *what* it was."""
+    """Serialize *value* for a jsonb column, or raise SerializationError naming *what* it was.
+
+    Also refused: what JSON allows but PostgreSQL cannot store — the NUL character (jsonb rejects
+    its escape) and lone surrogates (not UTF-8) — so the problem surfaces here, naming the value, and
+    not as a database error in the middle of recording other jobs' outcomes."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise SerializationError(f"{what} is not JSON-serializable: PostgreSQL cannot store the NUL character "
+                                 "(\\u0000) in jsonb")
+    return text
 
 
 def loads(text: str | bytes) -> Any:

@@ -101,3 +101,33 @@ def unserializable_result():
 @app.task(name="emails.send", queue="emails")
 def send_email(to):
     return f"sent to {to}"
+
+
+@app.task(name="tests.whoami", bind=True)
+def whoami(self, retry_first=False):
+    """Returns what ``self.request`` says about the running job (and the thread it runs in)."""
+    import threading
+
+    req = self.request
+    if retry_first and req.attempt == 1:
+        raise self.retry(countdown=0)
+    return {
+        "id": req.id, "task_name": req.task_name, "attempt": req.attempt, "max_attempts": req.max_attempts,
+        "retries": req.retries, "queue": req.queue, "args": list(req.args), "kwargs": dict(req.kwargs),
+        "worker_id": req.worker_id, "thread": threading.current_thread().name,
+    }
+
+
+UNSTORABLE = {"nul": "a\x00b", "surrogate": "a\ud800b"}
+
+
+@app.task(name="tests.unstorable_result")
+def unstorable_result(kind):
+    """A str Python serializes to JSON, but PostgreSQL cannot store (NUL in jsonb, a lone surrogate)."""
+    return UNSTORABLE[kind]
+
+
+@app.task(name="tests.unstorable_error", max_attempts=2, retry_backoff=0)
+def unstorable_error(kind):
+    """Fails with a message PostgreSQL text cannot hold."""
+    raise ValueError(f"bad {UNSTORABLE[kind]} message")

@@ -72,3 +72,24 @@ class WorkerProcess:
         self._log.close()
         self.log_path.unlink(missing_ok=True)
         return output
+
+
+def job(conn, job_id: int) -> dict[str, Any]:
+    """The pgq.jobs row of *job_id* as a dict (timestamps as datetimes, jsonb decoded)."""
+    cur = conn.execute("SELECT * FROM pgq.jobs WHERE id = %s", (job_id,))
+    row = cur.fetchone()
+    assert row is not None, f"no job {job_id}"
+    return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def wait_registered(conn, worker: WorkerProcess, timeout: float = 20.0) -> None:
+    """Wait until *worker* has its row in pgq.workers: its signal handlers are installed by then.
+    Fails at once, with the worker's output, if the process exits instead."""
+
+    def registered() -> bool:
+        code = worker.proc.poll()
+        if code is not None:
+            raise AssertionError(f"worker {worker.pid} exited with {code} before registering:\n{worker.output()}")
+        return bool(scalar(conn, "SELECT count(*) FROM pgq.workers WHERE pid = %s", (worker.pid,)))
+
+    wait_for(registered, timeout=timeout, what=f"worker {worker.pid} to register in pgq.workers")
