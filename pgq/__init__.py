@@ -11,6 +11,7 @@ from .errors import (
     SerializationError,
     TaskCancelled,
     TaskFailed,
+    TaskTimeout,
     TimeoutError,
 )
 from .result import AsyncResult
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "TaskCancelled",
     "TaskFailed",
+    "TaskTimeout",
     "TimeoutError",
     "Worker",
 ]

@@ -47,6 +47,11 @@ class TaskCancelled(Error):
     """The job was cancelled before it could finish."""
 
 
+class TaskTimeout(BaseException):
+    """Raised inside a task that ran past its ``timeout``. A BaseException, so that a task's
+    ``except Exception`` does not swallow it: clean up in ``finally`` instead."""
+
+
 class Retry(Exception):
     """Raised by ``self.retry()`` inside a bound task: end this attempt and schedule another."""
 

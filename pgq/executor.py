@@ -117,6 +117,11 @@ def _bind_call(task: Task, job: ClaimedJob) -> Any:
     return lambda: task(*args, **kwargs)
 
 
+def timed_out(job: ClaimedJob, seconds: float) -> Outcome:
+    """The outcome of an attempt that ran past its timeout: retried like any error while attempts remain."""
+    return _after_error(job, ErrorInfo("TaskTimeout", f"exceeded its timeout of {seconds:g} s", None))
+
+
 def _after_error(job: ClaimedJob, error: ErrorInfo) -> Outcome:
     if job.attempt >= job.max_attempts:
         return Failed(error)

@@ -52,6 +52,8 @@ class Keeper:
     def __init__(self, worker: Worker):
         self.worker = worker
         self._stop = threading.Event()
+        self._poke = threading.Event()  # re-plan the next tick: new jobs may need an earlier one
+        self._next_tick = 0.0  # monotonic time of the planned next run_once
         self._conn: psycopg.Connection | None = None
         self._last_rescue = 0.0
 
@@ -65,9 +67,14 @@ class Keeper:
         between 0.2 s and 10 s, and never longer than the rescue interval."""
         leases = [lease for _, _, lease in self.worker.held_tokens()]
         base = min(leases) / 3 if leases else 10.0
-        return max(0.2, min(base, 10.0, self.worker.rescue_interval))
+        interval = max(0.2, min(base, 10.0, self.worker.rescue_interval))
+        deadline = self.worker.next_deadline()
+        if deadline is not None:  # wake when the first running job's timeout runs out
+            interval = min(interval, max(0.01, deadline - time.monotonic()))
+        return interval
 
     def run_once(self) -> None:
+        self.worker.enforce_timeouts()  # first: it needs no database
         conn = self._connection()
         self.heartbeat(conn)
         if time.monotonic() - self._last_rescue >= self.worker.rescue_interval:
@@ -96,15 +103,25 @@ class Keeper:
             try:
                 self.run_once()
                 delay = 0.1
-                self._stop.wait(self.interval())
+                interval = self.interval()
+                self._next_tick = time.monotonic() + interval
+                self._poke.wait(interval)
+                self._poke.clear()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 log.warning("database unavailable (heartbeat): %s; retrying in %.1f s", exc, delay)
                 self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
 
+    def tick_by(self, when: float) -> None:
+        """Make sure the next tick comes no later than *when* (monotonic): a job just claimed with a
+        short lease, or just started with a timeout, may not wait for a tick planned for idle times."""
+        if when < self._next_tick:
+            self._poke.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._poke.set()
 
     def abandon(self, jobs: list[ClaimedJob]) -> None:
         """Shutdown left these jobs running: record the attempt as failed by the shutdown and schedule

@@ -56,6 +56,7 @@ class Task:
         priority: int = 0,
         bind: bool = False,
         ignore_result: bool = False,
+        timeout: float | None = None,
     ):
         self.app = app
         self.fn = fn
@@ -67,6 +68,10 @@ class Task:
         self.priority = priority
         self.bind = bind
         self.ignore_result = ignore_result
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"task {name}: timeout must be a number of seconds > 0, got {timeout!r}")
+        self.timeout = timeout
         # Refuse bad defaults when the module is imported, not at the first enqueue.
         self._spec()
         self.__doc__ = fn.__doc__

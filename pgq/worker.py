@@ -15,6 +15,8 @@ Every thread survives a lost database: it logs, backs off, reconnects, and carri
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import queue as queue_mod
@@ -30,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import db, executor, maintenance, migrate, sql
-from .errors import DatabaseUnavailable
-from .executor import ClaimedJob, Failed, Outcome, RetryLater, Succeeded
+from .errors import DatabaseUnavailable, TaskTimeout
+from .executor import ClaimedJob, RetryLater, Succeeded
+from .recorder import Backoff, Recorder
 
 if TYPE_CHECKING:
     from .app import App
@@ -47,6 +50,9 @@ class _Held:
 
     job: ClaimedJob
     started: float | None = None  # monotonic time the task began, None while waiting for a runner
+    thread_id: int | None = None  # the thread running it
+    timeout: float | None = None  # seconds it may run
+    timed_out: bool = False  # its timeout outcome is recorded; whatever the thread returns is discarded
 
 
 class Worker:
@@ -64,6 +70,8 @@ class Worker:
       handed back as a failed attempt. Too low interrupts long jobs on every deploy; too high makes
       deploys slow. Default 30 s.
     - ``listen``: wake on NOTIFY. Off behind PgBouncer in transaction mode, which cannot LISTEN.
+    - ``task_timeout``: seconds a job may run when its task sets no ``timeout`` of its own (None: no
+      limit). See :meth:`enforce_timeouts` for what can and cannot be interrupted.
     - ``rescue_interval``: seconds between sweeps for jobs whose lease expired on a dead worker. Lost
       jobs restart after their lease plus up to this much. Default 5 s.
     """
@@ -79,6 +87,7 @@ class Worker:
         shutdown_grace: float = 30.0,
         listen: bool = True,
         rescue_interval: float = 5.0,
+        task_timeout: float | None = None,
         worker_id: str | None = None,
     ):
         if isinstance(queues, str):
@@ -92,22 +101,23 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.listen = listen
         self.rescue_interval = rescue_interval
+        self.task_timeout = task_timeout or None
         self.app = app
         self.id = worker_id or f"{db.hostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
         self._ready: queue_mod.Queue[ClaimedJob | None] = queue_mod.Queue()
-        self._outcomes: queue_mod.Queue[tuple[ClaimedJob, Outcome]] = queue_mod.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()  # stop claiming
         self._hurry = threading.Event()  # second signal: stop waiting for running jobs
-        self._recorder_done = threading.Event()
         self._threads: list[threading.Thread] = []
         self._runners: list[threading.Thread] = []
         self._claim_conn: psycopg.Connection | None = None
         self._next_due: float | None = None  # monotonic time a retry this worker scheduled falls due
         self.keeper = maintenance.Keeper(self)
+        self.recorder = Recorder(self)
+        self._retired: set[int] = set()  # runner threads replaced after their job's timeout
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -168,22 +178,27 @@ class Worker:
         signal.signal(signal.SIGINT, handler)
 
     def _start_threads(self) -> None:
-        specs: list[tuple[str, Callable[[], None]]] = [("pgq-recorder", self._record_loop),
+        specs: list[tuple[str, Callable[[], None]]] = [("pgq-recorder", self.recorder.loop),
                                                        ("pgq-keeper", self.keeper.loop)]
         if self.listen:
             specs.append(("pgq-listener", self._listen_loop))
         for name, target in specs:
             self._threads.append(threading.Thread(target=target, name=name, daemon=True))
-        if self.pool == "threads":
-            for i in range(self.concurrency):
-                self._runners.append(threading.Thread(target=self._runner_loop, name=f"pgq-runner-{i}", daemon=True))
-        for thread in self._threads + self._runners:
+        for thread in self._threads:
             thread.start()
+        if self.pool == "threads":
+            for _ in range(self.concurrency):
+                self._add_runner()
+
+    def _add_runner(self) -> None:
+        thread = threading.Thread(target=self._runner_loop, name=f"pgq-runner-{len(self._runners)}", daemon=True)
+        self._runners.append(thread)
+        thread.start()
 
     # --- claiming ------------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff()
         while not self._stopping.is_set():
             self._wake.clear()
             free = self.concurrency - self.held_count()
@@ -230,6 +245,8 @@ class Worker:
         with self._held_lock:
             for job in jobs:
                 self._held[job.id] = _Held(job)
+        if jobs:  # their leases need a heartbeat within a third of the shortest
+            self.keeper.tick_by(time.monotonic() + min(j.lease_seconds for j in jobs) / 3)
         return jobs
 
     def _drop_claim_conn(self) -> None:
@@ -264,21 +281,38 @@ class Worker:
     # --- running -------------------------------------------------------------------------------
 
     def _runner_loop(self) -> None:
+        me = threading.get_ident()
         while True:
             job = self._ready.get()
             if job is None:
                 return
-            self._execute(job)
+            with contextlib.suppress(TaskTimeout):  # delivered just after the task returned: nothing to undo
+                self._execute(job)
+            if me in self._retired:  # a fresh runner took this one's place when its job timed out
+                return
 
     def _execute(self, job: ClaimedJob) -> None:
+        task = self.app.tasks.get(job.task_name)
+        timeout = (task.timeout if task is not None else None) or self.task_timeout
+        started = time.monotonic()
         with self._held_lock:
             held = self._held.get(job.id)
             if held is not None:
-                held.started = time.monotonic()
-        started = time.monotonic()
+                held.started, held.thread_id, held.timeout = started, threading.get_ident(), timeout
+        if timeout:
+            self.keeper.tick_by(started + timeout)
         log.info("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
         outcome = executor.run(self.app.tasks, job, self.id)
         elapsed_ms = (time.monotonic() - started) * 1000
+        with self._held_lock:
+            held = self._held.get(job.id)
+            late = held is None or held.timed_out
+            if held is not None:
+                held.timeout = None  # finished: the watchdog leaves it alone
+        if late:
+            log.warning("job %d %s returned after %.1f ms, past its timeout: outcome discarded", job.id,
+                        job.task_name, elapsed_ms)
+            return
         if isinstance(outcome, Succeeded):
             log.info("job %d %s succeeded in %.1f ms", job.id, job.task_name, elapsed_ms)
         elif isinstance(outcome, RetryLater):
@@ -288,83 +322,47 @@ class Worker:
         else:
             log.error("job %d %s failed for good on attempt %d/%d in %.1f ms: %s", job.id, job.task_name,
                       job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary())
-        self._outcomes.put((job, outcome))
+        self.recorder.put(job, outcome)
 
-    # --- recording outcomes --------------------------------------------------------------------
+    # --- timeouts ------------------------------------------------------------------------------
 
-    def _record_loop(self) -> None:
-        conn: psycopg.Connection | None = None
-        backoff = _Backoff()
-        batch: list[tuple[ClaimedJob, Outcome]] = []
-        while True:
-            if not batch:
-                try:
-                    batch.append(self._outcomes.get(timeout=0.2))
-                except queue_mod.Empty:
-                    if self._recorder_done.is_set():
-                        break
-                    continue
-            # Everything else already finished goes in the same round trip (up to 500).
-            while len(batch) < 500:
-                try:
-                    batch.append(self._outcomes.get_nowait())
-                except queue_mod.Empty:
-                    break
-            try:
-                if conn is None or conn.closed:
-                    conn = db.connect(self.app.database_url, role="worker", autocommit=True)
-                self._record(conn, batch)
-                backoff.reset()
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                # Keep the batch and try again: the outcome is not lost while the lease holds, and if
-                # the lease ran out meanwhile the fence makes the late write a no-op.
-                if conn is not None:
-                    conn.close()
-                conn = None
-                backoff.wait(self._hurry, "record outcomes", exc)
-                if self._hurry.is_set():
-                    break
-                continue
-            self._forget([job.id for job, _ in batch])
-            batch = []
-        if conn is not None:
-            conn.close()
+    def next_deadline(self) -> float | None:
+        """The monotonic time the first running job's timeout runs out."""
+        with self._held_lock:
+            deadlines = [h.started + h.timeout for h in self._held.values()
+                         if h.started is not None and h.timeout and not h.timed_out]
+        return min(deadlines, default=None)
 
-    def _record(self, conn: psycopg.Connection, batch: list[tuple[ClaimedJob, Outcome]]) -> None:
-        successes = [(job, o) for job, o in batch if isinstance(o, Succeeded)]
-        with conn.transaction():
-            if successes:
-                rows = conn.execute(sql.COMPLETE_MANY, {
-                    "ids": [job.id for job, _ in successes],
-                    "attempts": [job.attempt for job, _ in successes],
-                    "results": [o.result_json for _, o in successes],
-                }).fetchall()
-                recorded = {row[0] for row in rows}
-                for job, _ in successes:
-                    if job.id not in recorded:
-                        self._log_fenced(job, "success")
-            for job, outcome in batch:
-                if isinstance(outcome, RetryLater):
-                    row = conn.execute(sql.RETRY, {
-                        "id": job.id, "attempt": job.attempt, "delay": outcome.delay,
-                        "error": outcome.error.summary(), "entry": outcome.error.entry(job.attempt),
-                    }).fetchone()
-                    if row is None:
-                        self._log_fenced(job, "retry")
-                    else:
-                        self._due_in(outcome.delay)
-                elif isinstance(outcome, Failed):
-                    row = conn.execute(sql.FAIL, {
-                        "id": job.id, "attempt": job.attempt, "error": outcome.error.summary(),
-                        "entry": outcome.error.entry(job.attempt), "error_type": outcome.error.type_name,
-                        "error_message": outcome.error.message, "traceback": outcome.error.traceback,
-                    }).fetchone()
-                    if row is None:
-                        self._log_fenced(job, "failure")
+    def enforce_timeouts(self) -> int:
+        """End the attempts that ran past their timeout (called by the keeper).
 
-    def _log_fenced(self, job: ClaimedJob, what: str) -> None:
-        log.warning("job %d %s attempt %d: lease lost before its %s was recorded; another attempt owns the "
-                    "job now, so this outcome is discarded", job.id, job.task_name, job.attempt, what)
+        The attempt is recorded at once as failed by timeout (retried while attempts remain), so the
+        job never waits on the stuck code. The thread is then interrupted with TaskTimeout, which
+        stops Python code at its next bytecode but cannot break into a blocking C call (a sleep, a
+        read on a socket with no timeout): such a thread is abandoned, its eventual outcome
+        discarded, and a fresh runner takes its slot.
+        """
+        now = time.monotonic()
+        expired: list[_Held] = []
+        with self._held_lock:
+            for held in self._held.values():
+                if held.started is not None and held.timeout and not held.timed_out \
+                        and now >= held.started + held.timeout:
+                    held.timed_out = True
+                    expired.append(held)
+        for held in expired:
+            job = held.job
+            log.error("job %d %s attempt %d/%d exceeded its timeout of %g s", job.id, job.task_name, job.attempt,
+                      job.max_attempts, held.timeout)
+            self.recorder.put(job, executor.timed_out(job, held.timeout or 0))
+            if held.thread_id is not None:
+                interrupt(held.thread_id)
+                if self.pool == "threads" and not self._stopping.is_set():
+                    self._retired.add(held.thread_id)
+                    self._add_runner()
+        return len(expired)
+
+    # --- recording outcomes (see pgq.recorder) ----------------------------------------------
 
     def _forget(self, ids: list[int]) -> None:
         with self._held_lock:
@@ -375,7 +373,7 @@ class Worker:
     # --- listening -----------------------------------------------------------------------------
 
     def _listen_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff()
         wanted = set(self.queues)
         while not self._stopping.is_set():
             try:
@@ -404,20 +402,21 @@ class Worker:
                 break
             if job is not None:
                 unstarted.append(job)
-        for _ in self._runners:
+        active = [r for r in self._runners if r.ident not in self._retired]
+        for _ in active:
             self._ready.put(None)
         if unstarted:
             self._release(unstarted)
 
         # 2. Running jobs get the grace period (a second signal cuts it short).
         deadline = time.monotonic() + self.shutdown_grace
-        for runner in self._runners:
+        for runner in active:
             while runner.is_alive() and not self._hurry.is_set() and time.monotonic() < deadline:
                 runner.join(timeout=0.1)
 
         # 3. Record every outcome we have, then stop the other threads.
         #    The listener is not waited for: it notices the stop within a second on its own.
-        self._recorder_done.set()
+        self.recorder.done.set()
         self.keeper.stop()
         for thread in self._threads:
             if thread.name == "pgq-recorder":
@@ -446,22 +445,7 @@ class Worker:
                 self._held.pop(job.id, None)
 
 
-class _Backoff:
-    """Exponential backoff for reconnecting: 0.1 s doubling to 5 s, logged once per outage step."""
-
-    def __init__(self) -> None:
-        self.delay = 0.1
-
-    def reset(self) -> None:
-        self.delay = 0.1
-
-    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
-        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, _one_line(exc), self.delay)
-        stop.wait(self.delay)
-        self.delay = min(self.delay * 2, 5.0)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
-
+def interrupt(thread_id: int) -> bool:
+    """Raise TaskTimeout in the thread *thread_id* at its next Python bytecode."""
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(TaskTimeout))
+    return bool(done == 1)

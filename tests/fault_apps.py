@@ -67,3 +67,22 @@ def poison() -> None:
 def when() -> str:
     """Returns the worker's idea of the time, to show it is not what schedules anything."""
     return str(time.time())
+
+
+INTERRUPTED: list[int] = []
+
+
+@app.task(name="faults.spin", timeout=0.5, max_attempts=2, retry_backoff=0)
+def spin() -> None:
+    """Pure Python that never ends: the timeout interrupts it at a bytecode boundary."""
+    try:
+        while True:
+            pass
+    finally:
+        INTERRUPTED.append(_current_request.get().id or 0)
+
+
+@app.task(name="faults.block", max_attempts=2, retry_backoff=0)
+def block(seconds: float) -> None:
+    """Blocks in C (sleep) with no timeout of its own: only the worker's --task-timeout ends the attempt."""
+    time.sleep(seconds)

@@ -16,7 +16,7 @@ import pytest
 
 import pgq
 from tests import fault_apps
-from tests.helpers import ROOT, WorkerProcess, scalar, wait_for
+from tests.helpers import ROOT, WorkerProcess, scalar, wait_for, wait_registered
 
 APP = "tests.fault_apps"
 
@@ -182,6 +182,23 @@ def test_long_job_is_never_stolen_while_heartbeating(fapp, conn, db_url):
         fleet.stop()
     assert scalar(conn, "SELECT attempts FROM pgq.jobs WHERE id = %s", (handle.id,)) == 1
     assert scalar(conn, "SELECT count(*) FROM fault_runs WHERE job_id = %s", (handle.id,)) == 1
+
+
+@pytest.mark.slow
+def test_idle_worker_heartbeats_a_short_lease_in_time(fapp, conn, db_url):
+    """An idle worker's keeper plans its next tick far out (the rescue interval, 5 s here); a job with
+    a 1 s lease claimed meanwhile must still get its first heartbeat within the lease."""
+    runner = WorkerProcess(db_url, "-c", "1", "-Q", "longq", "--rescue-interval", "5", app=APP)
+    rescuer = WorkerProcess(db_url, "-c", "1", "-Q", "nothing", "--rescue-interval", "0.2", app=APP)
+    try:
+        wait_registered(conn, runner)
+        wait_registered(conn, rescuer)
+        handle = fault_apps.long.apply_async(args=(3.0,), queue="longq")
+        assert handle.get(timeout=30)
+    finally:
+        runner.stop()
+        rescuer.stop()
+    assert scalar(conn, "SELECT attempts FROM pgq.jobs WHERE id = %s", (handle.id,)) == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,164 @@
+"""Writing outcomes: the worker's recorder thread.
+
+Outcomes queue up as tasks finish; the recorder writes everything already finished in one
+transaction (up to 500), with all successes in one fenced statement. A lost connection keeps the batch
+and retries it after a backoff: an outcome is not lost while its lease holds, and once the lease ran
+out the fence turns the late write into a logged no-op. Any other database error (a value PostgreSQL
+refuses) falls back to one outcome at a time, and an outcome that cannot be stored at all fails its
+job with that reason — the recorder itself never dies, or the worker would hold its jobs forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_mod
+import threading
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from . import db, sql
+from .errors import DatabaseUnavailable
+from .executor import ClaimedJob, ErrorInfo, Failed, Outcome, RetryLater, Succeeded
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("pgq.worker")
+
+BATCH = 500
+
+Item = tuple[ClaimedJob, Outcome]
+
+
+class Recorder:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.outcomes: queue_mod.Queue[Item] = queue_mod.Queue()
+        self.done = threading.Event()  # set at shutdown: write what is queued, then stop
+        self._backoff = Backoff()
+        self._conn: psycopg.Connection | None = None
+
+    def put(self, job: ClaimedJob, outcome: Outcome) -> None:
+        self.outcomes.put((job, outcome))
+
+    def loop(self) -> None:
+        batch: list[Item] = []
+        while True:
+            if not batch:
+                try:
+                    batch.append(self.outcomes.get(timeout=0.2))
+                except queue_mod.Empty:
+                    if self.done.is_set():
+                        break
+                    continue
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self.outcomes.get_nowait())
+                except queue_mod.Empty:
+                    break
+            try:
+                self._write(batch)
+                self._backoff.reset()
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                self._close()
+                self._backoff.wait(self.worker._hurry, "record outcomes", exc)
+                if self.worker._hurry.is_set():
+                    break
+                continue
+            self.worker._forget([job.id for job, _ in batch])
+            batch = []
+        self._close()
+
+    def _write(self, batch: list[Item]) -> None:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.worker.app.database_url, role="worker", autocommit=True)
+        try:
+            self.record(self._conn, batch)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            log.warning("recording %d outcome(s) together failed (%s); recording them one by one",
+                        len(batch), exc)
+            for item in batch:
+                self._write_alone(item)
+
+    def _write_alone(self, item: Item) -> None:
+        assert self._conn is not None
+        job, _ = item
+        try:
+            self.record(self._conn, [item])
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            reason = ErrorInfo("RecordError", f"pgq could not store this job's outcome: {_one_line(exc)}", None)
+            log.error("job %d %s: cannot store its outcome (%s); failing it", job.id, job.task_name, exc)
+            try:
+                self.record(self._conn, [(job, Failed(reason))])
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as again:  # then the lease expires and the rescuer takes it
+                log.error("job %d: cannot record its failure either (%s)", job.id, again)
+
+    def record(self, conn: psycopg.Connection, batch: list[Item]) -> None:
+        """Write *batch* in one transaction, each write fenced by the attempt that produced it."""
+        successes = [(job, o) for job, o in batch if isinstance(o, Succeeded)]
+        with conn.transaction():
+            if successes:
+                rows = conn.execute(sql.COMPLETE_MANY, {
+                    "ids": [job.id for job, _ in successes],
+                    "attempts": [job.attempt for job, _ in successes],
+                    "results": [o.result_json for _, o in successes],
+                }).fetchall()
+                recorded = {row[0] for row in rows}
+                for job, _ in successes:
+                    if job.id not in recorded:
+                        _log_fenced(job, "success")
+            for job, outcome in batch:
+                if isinstance(outcome, RetryLater):
+                    row = conn.execute(sql.RETRY, {
+                        "id": job.id, "attempt": job.attempt, "delay": outcome.delay,
+                        "error": outcome.error.summary(), "entry": outcome.error.entry(job.attempt),
+                    }).fetchone()
+                    if row is None:
+                        _log_fenced(job, "retry")
+                    else:
+                        self.worker._due_in(outcome.delay)
+                elif isinstance(outcome, Failed):
+                    row = conn.execute(sql.FAIL, {
+                        "id": job.id, "attempt": job.attempt, "error": outcome.error.summary(),
+                        "entry": outcome.error.entry(job.attempt), "error_type": outcome.error.type_name,
+                        "error_message": outcome.error.message, "traceback": outcome.error.traceback,
+                    }).fetchone()
+                    if row is None:
+                        _log_fenced(job, "failure")
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _log_fenced(job: ClaimedJob, what: str) -> None:
+    log.warning("job %d %s attempt %d: lease lost before its %s was recorded; another attempt owns the "
+                "job now, so this outcome is discarded", job.id, job.task_name, job.attempt, what)
+
+
+class Backoff:
+    """Exponential backoff for reconnecting: 0.1 s doubling to 5 s, each wait logged."""
+
+    def __init__(self) -> None:
+        self.delay = 0.1
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
+        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, _one_line(exc), self.delay)
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
