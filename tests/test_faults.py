@@ -102,11 +102,11 @@ def _assert_exactly_once(conn, ids: list[int]) -> dict[str, int]:
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(fapp, conn, db_url):
     random.seed(20261121)
-    ids = _enqueue(fapp, 2000, seconds=0.003)
+    ids = _enqueue(fapp, 3000, seconds=0.003)
     fleet = Fleet(db_url, 3, "-c", "4")
     try:
         deadline = time.monotonic() + 45
-        while fleet.kills < 15 and time.monotonic() < deadline and _succeeded(conn) < len(ids) * 0.9:
+        while fleet.kills < 20 and time.monotonic() < deadline and _succeeded(conn) < len(ids) * 0.9:
             time.sleep(random.uniform(0.3, 0.9))  # a random moment: claiming, running or recording
             fleet.kill_one()
         wait_for(lambda: _succeeded(conn) == len(ids), timeout=90, interval=0.2, what="every job to succeed")
