@@ -1,0 +1,1 @@
+"""pgq's benchmark (``python benchmarks/run.py``); a package so workers can import ``benchmarks.tasks``."""

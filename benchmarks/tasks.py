@@ -1,0 +1,33 @@
+"""The benchmark's own tasks, run by ``python -m pgq.cli -A benchmarks.tasks worker`` from the repo root.
+
+The app has no URL of its own: the worker gets ``--database-url`` and run.py calls ``set_database_url``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pgq
+
+app = pgq.App()
+
+#: The wake-up benchmark's table: when each task function was entered, on the database clock.
+WAKE_TABLE = "bench_wake"
+
+
+@app.task(name="bench.noop")
+def noop() -> None:
+    """Does nothing; its result (null) is stored in pgq.results."""
+
+
+@app.task(name="bench.noop_ignore", ignore_result=True)
+def noop_ignore() -> None:
+    """Does nothing, and no result row is written."""
+
+
+@app.task(name="bench.wake", bind=True, ignore_result=True)
+def wake(self: Any) -> None:
+    """Records the moment it was entered, as the database's clock_timestamp()."""
+    with app.connection() as conn:
+        conn.execute(f"INSERT INTO {WAKE_TABLE} (job_id, entered_at) VALUES (%s, clock_timestamp())",
+                     (self.request.id,))
