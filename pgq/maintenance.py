@@ -88,6 +88,11 @@ class Keeper:
             "id": w.id, "hostname": db.hostname(), "pid": os.getpid(),
             "queues": json.dumps(w.queues), "concurrency": w.concurrency,
         })
+        with w.outcome_lock:  # not while the recorder is between its commit and forgetting the jobs
+            self._extend_leases(conn)
+
+    def _extend_leases(self, conn: psycopg.Connection) -> None:
+        w = self.worker
         tokens = w.held_tokens()
         if tokens:
             rows = conn.execute(sql.EXTEND_LEASES, {"ids": [t[0] for t in tokens],
@@ -109,6 +114,13 @@ class Keeper:
                 self._poke.clear()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 log.warning("database unavailable (heartbeat): %s; retrying in %.1f s", exc, delay)
+                self._close()
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except psycopg.Error as exc:
+                # Not an outage (a missing grant, a read-only standby): say so loudly, keep trying —
+                # a dead keeper would let every lease of this worker expire while it runs.
+                log.error("heartbeat failed: %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
                 self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)

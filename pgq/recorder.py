@@ -58,7 +58,11 @@ class Recorder:
                 except queue_mod.Empty:
                     break
             try:
-                self._write(batch)
+                # Commit and forget under one lock, so the keeper never sees a job recorded but still
+                # held, and takes its finished job for a lost lease.
+                with self.worker.outcome_lock:
+                    self._write(batch)
+                    self.worker._forget([job.id for job, _ in batch])
                 self._backoff.reset()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 self._close()
@@ -66,7 +70,6 @@ class Recorder:
                 if self.worker._hurry.is_set():
                     break
                 continue
-            self.worker._forget([job.id for job, _ in batch])
             batch = []
         self._close()
 

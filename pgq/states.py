@@ -1,14 +1,16 @@
 """The states of a job's life, and which of them a worker may claim.
 
-    queued ──claim──▶ running ──ok──────────────▶ succeeded
-      ▲                 │  │
-      │                 │  ├─error, attempts left─▶ retrying ──(run_at arrives)──claim──▶ running
-      │                 │  ├─error, no attempts / never retryable─▶ failed
-      │                 │  └─lease expired (worker lost): rescued like an error
-      └──released on shutdown (the claim is undone, the attempt is not counted)
-    queued / retrying ──cancel──▶ cancelled
+    queued ──claim──▶ running ──returned─────────────────────────────▶ succeeded
+                        │
+                        ├─raised, attempts left ───────────────▶ retrying ──run_at due, claim──▶ running
+                        ├─raised on the last attempt, or can never succeed ─▶ failed
+                        ├─lease expired (worker lost): rescued like a raise (▶ retrying or failed)
+                        ├─timeout: like a raise
+                        └─worker shut down before starting it: claim undone (▶ queued, or
+                          retrying if it had failed before), the attempt not counted
 
-The values are plain lowercase words because operators read and filter them in SQL.
+The values are plain lowercase words because operators read and filter them in SQL. ``cancelled``
+is terminal too; it is set by cancellation.
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ class Task:
         max_attempts: int | None = None,
         lease_seconds: int | None = None,
         ignore_result: bool | None = None,
+        retry_backoff: float | None = None,
     ) -> AsyncResult:
         """Enqueue with options. With ``connection=`` (a psycopg Connection, a SQLAlchemy Connection or
         Session) the job is written in that caller's open transaction and exists only if it commits."""
@@ -119,6 +120,7 @@ class Task:
             max_attempts=max_attempts,
             lease_seconds=lease_seconds,
             ignore_result=ignore_result,
+            retry_backoff=retry_backoff,
         )
         return self.app._enqueue(spec, connection)
 

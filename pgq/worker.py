@@ -107,6 +107,7 @@ class Worker:
 
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
+        self.outcome_lock = threading.Lock()  # recorder's commit+forget vs keeper's heartbeat
         self._ready: queue_mod.Queue[ClaimedJob | None] = queue_mod.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()  # stop claiming
@@ -208,6 +209,11 @@ class Worker:
                     claimed = self._claim(free)
                     backoff.reset()
                 except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                    self._drop_claim_conn()
+                    backoff.wait(self._stopping, "claim", exc)
+                    continue
+                except psycopg.Error as exc:  # not an outage (a missing grant…): loud, but the worker lives on
+                    log.error("claim failed: %s: %s", type(exc).__name__, exc)
                     self._drop_claim_conn()
                     backoff.wait(self._stopping, "claim", exc)
                     continue
@@ -388,6 +394,9 @@ class Worker:
                             if self._stopping.is_set():
                                 break
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                backoff.wait(self._stopping, "listen", exc)
+            except psycopg.Error as exc:  # not an outage; without a listener we still poll, so keep trying
+                log.error("listener failed: %s: %s", type(exc).__name__, exc)
                 backoff.wait(self._stopping, "listen", exc)
 
     # --- shutdown ------------------------------------------------------------------------------

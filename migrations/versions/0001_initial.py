@@ -67,7 +67,7 @@ def upgrade() -> None:
 
     op.create_table(
         "results",
-        sa.Column("job_id", sa.BigInteger, primary_key=True),
+        sa.Column("job_id", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("status", sa.Text, nullable=False),
         sa.Column("result", JSONB),
         sa.Column("error_type", sa.Text),
