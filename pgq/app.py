@@ -16,6 +16,7 @@ from .result import AsyncResult
 from .tasks import Task
 
 if TYPE_CHECKING:
+    from .periodic import Schedule, Scheduler
     from .worker import Worker
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ class App:
         self._pool_size = pool_size
         self._lock = threading.RLock()
         self.tasks: dict[str, Task] = {}
+        self.schedules: dict[str, Schedule] = {}  # periodic schedules by name (see add_periodic)
 
     def __repr__(self) -> str:
         return f"<pgq.App tasks={len(self.tasks)}>"
@@ -169,6 +171,41 @@ class App:
         return AsyncResult(self, job_id)
 
     AsyncResult = result
+
+    # --- periodic tasks ------------------------------------------------------------------------
+
+    def periodic(self, **when: Any) -> Callable[[Task], Task]:
+        """Enqueue a task periodically: ``@app.periodic(cron="*/5 * * * *", tz="Europe/Paris")`` or
+        ``@app.periodic(every=timedelta(seconds=30))`` above ``@app.task``. Takes add_periodic's options."""
+        from . import periodic
+
+        return periodic.decorator(self, **when)
+
+    def add_periodic(self, task: Task | str, **when: Any) -> Schedule:
+        """Enqueue *task* (a Task or a task name) periodically. Each tick is enqueued exactly once, however
+        many schedulers run (``pgq beat``, ``pgq worker -B``).
+
+        Options: ``cron`` (5 fields, or 6 with seconds first) or ``every`` (timedelta or seconds, >= 1 s),
+        ``tz`` (the cron expression's time zone, default UTC), ``args``, ``kwargs``, ``name`` (unique;
+        default the task name), ``catch_up`` (missed ticks to enqueue after downtime besides the latest
+        one; default 0), ``options`` (the jobs' queue, priority, max_attempts, lease_seconds, …).
+        """
+        from . import periodic
+
+        return periodic.add(self, task, **when)
+
+    def add_beat_schedule(self, entries: Mapping[str, Mapping[str, Any]]) -> list[Schedule]:
+        """Celery's ``beat_schedule`` dict: ``{"name": {"task": "tasks.add", "schedule": timedelta or
+        cron string, "args": (…), "kwargs": {…}, "options": {…}}}``, plus pgq's ``tz`` and ``catch_up``."""
+        from . import periodic
+
+        return periodic.add_beat_schedule(self, entries)
+
+    def scheduler(self, **settings: Any) -> Scheduler:
+        """The periodic scheduler of this app's schedules; see :class:`pgq.periodic.Scheduler`."""
+        from .periodic import Scheduler
+
+        return Scheduler(self, **settings)
 
     # --- workers -------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 import psycopg
 
-from . import db, grants, migrate, sql
+from . import db, grants, migrate, periodic, sql
 from .app import App
 from .errors import ConfigurationError, Error
 from .states import ALL
@@ -125,6 +125,9 @@ def migrate_cmd(ctx: click.Context) -> None:
 
 
 @main.command("worker")
+@click.option("-B", "--beat", is_flag=True, envvar="PGQ_BEAT",
+              help="Also run the periodic scheduler in this process (as many as you like may run: each tick is "
+                   "enqueued once) [env: PGQ_BEAT=1]")
 @click.option("-Q", "--queues", default="default", envvar="PGQ_QUEUES",
               help="Comma-separated queues to take jobs from [env: PGQ_QUEUES]")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), envvar="PGQ_CONCURRENCY",
@@ -148,7 +151,7 @@ def migrate_cmd(ctx: click.Context) -> None:
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
                shutdown_grace: float, listen: bool, rescue_interval: float, prepare: bool,
-               loglevel: str | None) -> None:
+               loglevel: str | None, beat: bool = False) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
@@ -166,7 +169,10 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")
-    worker.run()
+    if beat:
+        _run_with_beat(app, worker)
+    else:
+        worker.run()
 
 
 @main.command("status")
@@ -213,7 +219,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 @main.command("grants")
 @click.option("--role", required=True, help="The PostgreSQL role to grant to (quoted as an identifier)")
 @click.option("--kind", type=click.Choice(list(grants.KINDS)), required=True,
-              help="producer: enqueue and read results; worker: claim, run and record jobs")
+              help="producer: enqueue and read results; worker: claim, run and record jobs; scheduler: enqueue "
+                   "periodic ticks (pgq beat; `worker -B` needs worker and scheduler)")
 @click.option("--apply", "apply_", is_flag=True,
               help="Run the statements against the database instead of printing them (needs the schema owner)")
 @click.pass_context
@@ -234,6 +241,88 @@ def grants_cmd(ctx: click.Context, role: str, kind: str, apply_: bool) -> None:
         for statement in grants.statements(role, kind):
             conn.execute(statement)
     click.echo(f"granted {kind} privileges to {role}")
+
+
+def _run_with_beat(app: App, worker: Any) -> None:
+    """``worker -B``: the scheduler runs in a thread of the worker's process and stops after the worker."""
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)  # one error line, from here, rather than one from each thread
+    if not app.schedules:
+        logging.getLogger("pgq.periodic").warning("-B: no periodic schedules in this app (pass -A module:app)")
+    scheduler = app.scheduler()
+    thread = scheduler.start()
+    try:
+        worker.run()
+    finally:
+        scheduler.stop()
+        thread.join(timeout=10)
+
+
+@main.command("beat")
+@click.option("--max-interval", type=click.FloatRange(min=0.1), default=5.0, envvar="PGQ_BEAT_MAX_INTERVAL",
+              help="Longest sleep between two looks at the schedules, in seconds (the scheduler wakes at each "
+                   "tick anyway) [env: PGQ_BEAT_MAX_INTERVAL]")
+@click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+              help="Log level (same as the global -l)")
+@click.pass_context
+def beat_cmd(ctx: click.Context, max_interval: float, loglevel: str | None) -> None:
+    """Run the periodic scheduler: enqueue each due tick of the app's schedules.
+
+    Run as many as you like, anywhere: every tick is enqueued exactly once (a unique key on the tick,
+    no leader, no advisory lock). SIGTERM or SIGINT stops it; exits 0.
+    """
+    obj = ctx.find_root().obj
+    obj["loglevel"] = loglevel or obj["loglevel"]
+    setup_logging(obj["loglevel"])
+    app = _app(ctx)
+    if not app.schedules:
+        logging.getLogger("pgq.periodic").warning("no periodic schedules: pass -A module:app with @app.periodic "
+                                                  "or app.add_periodic schedules")
+    app.scheduler(max_interval=max_interval).run()
+
+
+@main.group("periodic")
+def periodic_group() -> None:
+    """Periodic tasks: see what is scheduled."""
+
+
+@periodic_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def periodic_list_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Each schedule: its task, when it fires, its next fire time and the last tick enqueued (read from
+    the database, so it shows what every scheduler did). Cron times are shown in the schedule's zone."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        now, statuses = periodic.overview(conn, list(app.schedules.values()))
+    if as_json:
+        click.echo(json.dumps({"now": now.isoformat(), "schedules": [{
+            "name": s.name, "task": s.task_name, "when": s.when,
+            "next_fire": None if s.next_fire is None else s.next_fire.isoformat(),
+            "last_tick": None if s.last_tick is None else s.last_tick.isoformat(),
+            "last_job_id": s.last_job_id, "last_job_status": s.last_job_status, "enqueued_by": s.enqueued_by,
+        } for s in statuses]}, indent=2))
+        return
+    if not statuses:
+        click.echo("(no periodic schedules: pass -A module:app)")
+        return
+    header = ["schedule", "task", "when", "next fire", "last tick", "last job"]
+    table = []
+    for s in statuses:
+        next_fire = "-" if s.next_fire is None else (
+            f"{_local(s.next_fire, s.zone)} (in {_age(s.next_fire - now)})")
+        last_tick = "never" if s.last_tick is None else (
+            f"{_local(s.last_tick, s.zone)} ({_age(now - s.last_tick)} ago)")
+        last_job = "-" if s.last_job_id is None else f"{s.last_job_id} {s.last_job_status or '(pruned)'}"
+        table.append([s.name, s.task_name, s.when, next_fire, last_tick, last_job])
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _local(t: Any, zone: Any) -> str:
+    return t.astimezone(zone).isoformat(sep=" ", timespec="seconds")
 
 
 def _age(delta: timedelta | None) -> str:

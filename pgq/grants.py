@@ -10,7 +10,7 @@ from psycopg import sql
 
 from .schema import SCHEMA
 
-KINDS = ("producer", "worker")
+KINDS = ("producer", "worker", "scheduler")
 
 # (privileges, table) per kind. Why each one:
 _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
@@ -27,6 +27,14 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT, INSERT, UPDATE", "results"),
         # Register, heartbeat and deregister the worker; forget dead workers.
         ("SELECT, INSERT, UPDATE, DELETE", "workers"),
+        # Check at start that the schema is migrated to the version the code expects.
+        ("SELECT", "alembic_version"),
+    ],
+    "scheduler": [
+        # Read the latest ticks, claim new ones (INSERT … ON CONFLICT DO NOTHING), note their job, prune.
+        ("SELECT, INSERT, UPDATE, DELETE", "periodic_ticks"),
+        # Enqueue each tick's job (RETURNING id needs SELECT); `pgq periodic list` reads the job's status.
+        ("SELECT, INSERT", "jobs"),
         # Check at start that the schema is migrated to the version the code expects.
         ("SELECT", "alembic_version"),
     ],

@@ -120,3 +120,20 @@ workers = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("last_heartbeat_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
+
+# One row per tick of a periodic schedule that was enqueued. The primary key is what makes each tick
+# enqueued exactly once however many schedulers run: their inserts race, one wins, and only the winner
+# inserts the job, in the same transaction (see pgq.periodic). job_id is set in that transaction.
+periodic_ticks = Table(
+    "periodic_ticks",
+    metadata,
+    Column("schedule", Text, primary_key=True),
+    Column("tick_at", DateTime(timezone=True), primary_key=True),
+    Column("task_name", Text, nullable=False),
+    Column("job_id", BigInteger),
+    Column("enqueued_by", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("schedule <> ''", name="periodic_ticks_schedule_check"),
+)
+# Pruning walks the ticks of every schedule by age.
+Index("periodic_ticks_created_idx", periodic_ticks.c.created_at)

@@ -188,3 +188,62 @@ FROM pgq.workers ORDER BY started_at
 # Is pgq's schema there? Then SCHEMA_VERSION says at which revision.
 SCHEMA_EXISTS = "SELECT to_regclass('pgq.alembic_version') IS NOT NULL"
 SCHEMA_VERSION = "SELECT version_num FROM pgq.alembic_version"
+
+# --- periodic tasks (pgq.periodic) ------------------------------------------------------------------
+
+# What a scheduler pass starts from: the database's now, and the latest tick enqueued of each schedule
+# (a backward scan of the primary key per name).
+PERIODIC_LAST_TICKS = """
+SELECT now(), s.name, (SELECT max(t.tick_at) FROM pgq.periodic_ticks AS t WHERE t.schedule = s.name)
+FROM unnest(%(names)s::text[]) AS s(name)
+"""
+
+# Claim due ticks: the primary key (schedule, tick_at) lets exactly one scheduler's insert of a tick win;
+# the losers' inserts wait for the winner's commit and then do nothing. The returned ticks are this
+# scheduler's to enqueue, in the same transaction. A tick at or before one already recorded is never
+# claimed, so a slow scheduler cannot fire a tick that a faster one skipped, or one whose row was pruned.
+PERIODIC_CLAIM_TICKS = """
+INSERT INTO pgq.periodic_ticks (schedule, tick_at, task_name, enqueued_by)
+SELECT %(schedule)s, d.tick_at, %(task_name)s, %(enqueued_by)s
+FROM unnest(%(ticks)s::timestamptz[]) AS d(tick_at)
+WHERE NOT EXISTS (SELECT 1 FROM pgq.periodic_ticks AS p
+                  WHERE p.schedule = %(schedule)s AND p.tick_at >= d.tick_at)
+ORDER BY d.tick_at
+ON CONFLICT (schedule, tick_at) DO NOTHING
+RETURNING tick_at
+"""
+
+# Enqueue the job of a tick claimed earlier in this transaction, and note its id on the tick row.
+PERIODIC_ENQUEUE = f"""
+WITH job AS ({ENQUEUE.strip()})
+UPDATE pgq.periodic_ticks AS t SET job_id = job.id
+FROM job
+WHERE t.schedule = %(schedule)s AND t.tick_at = %(tick_at)s
+RETURNING job.id
+"""
+
+# Forget ticks enqueued long ago, except the latest of each schedule (where its next tick starts).
+# SKIP LOCKED lets every scheduler run it at once.
+PERIODIC_PRUNE = """
+WITH old AS (
+    SELECT t.schedule, t.tick_at FROM pgq.periodic_ticks AS t
+    WHERE t.created_at < now() - make_interval(secs => %(keep)s::float8)
+      AND EXISTS (SELECT 1 FROM pgq.periodic_ticks AS n WHERE n.schedule = t.schedule AND n.tick_at > t.tick_at)
+    ORDER BY t.created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgq.periodic_ticks AS t USING old
+WHERE t.schedule = old.schedule AND t.tick_at = old.tick_at
+"""
+
+# `pgq periodic list`: the latest tick of every schedule the database knows, with its job's state.
+PERIODIC_LIST = """
+SELECT l.schedule, l.task_name, l.tick_at, l.job_id, j.status, l.enqueued_by
+FROM (SELECT DISTINCT ON (schedule) schedule, task_name, tick_at, job_id, enqueued_by
+      FROM pgq.periodic_ticks ORDER BY schedule, tick_at DESC) AS l
+LEFT JOIN pgq.jobs AS j ON j.id = l.job_id
+ORDER BY l.schedule
+"""
+
+DB_NOW = "SELECT now()"
