@@ -8,8 +8,12 @@ import socket
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import DatabaseUnavailable
+
+#: Seconds to wait for a connection unless the URL says otherwise (connect_timeout=…).
+CONNECT_TIMEOUT = 10
 
 URL_ENV_VARS = ("PGQ_DATABASE_URL", "DATABASE_URL")
 
@@ -45,6 +49,10 @@ def prepare_threshold() -> int | None:
 def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwargs: Any) -> psycopg.Connection:
     """Open a connection tagged with pgq's application_name, so operators can tell pgq's sessions apart
     in ``pg_stat_activity``."""
+    if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo_to_dict(url):
+        # libpq would wait indefinitely (psycopg: 130 s) for a server that does not answer; a worker
+        # would rather back off and retry, and a stopping worker must not hang on it.
+        kwargs["connect_timeout"] = CONNECT_TIMEOUT
     try:
         conn = psycopg.connect(
             url,
