@@ -2,6 +2,7 @@
 
 from .app import App
 from .errors import (
+    CancelRequested,
     ConfigurationError,
     DatabaseUnavailable,
     EnqueueError,
@@ -15,6 +16,7 @@ from .errors import (
     TimeoutError,
 )
 from .result import AsyncResult
+from .retry import Backoff
 from .states import JobStatus
 from .tasks import Request, Task
 from .worker import Worker
@@ -22,6 +24,8 @@ from .worker import Worker
 __all__ = [
     "App",
     "AsyncResult",
+    "Backoff",
+    "CancelRequested",
     "ConfigurationError",
     "DatabaseUnavailable",
     "EnqueueError",

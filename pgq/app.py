@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import db, embedded, enqueue, migrate
+from . import control, db, embedded, enqueue, migrate
+from .errors import JobNotFound
 from .result import AsyncResult
 from .tasks import Task
 
@@ -131,7 +132,10 @@ class App:
 
         Options: ``name`` (default ``"<module>.<function>"``), ``queue``, ``max_attempts``,
         ``retry_backoff`` (base of the exponential backoff, seconds), ``lease_seconds``, ``priority``
-        (higher runs first), ``bind`` (pass the task as ``self``), ``ignore_result``.
+        (higher runs first), ``bind`` (pass the task as ``self``), ``ignore_result``, ``timeout`` (seconds
+        an attempt may run; see :meth:`pgq.Worker.enforce_timeouts`); unique jobs: ``unique=True`` (key from
+        the arguments), ``unique_key`` (a string, or a function of the arguments), ``unique_for``; retry
+        policy: ``retry_on``, ``discard_on``, ``autoretry_for`` (see :class:`pgq.retry.RetryPolicy`).
         """
 
         def register(func: Callable[..., Any]) -> Task:
@@ -163,14 +167,40 @@ class App:
 
     def _enqueue(self, spec: enqueue.JobSpec, connection: Any) -> AsyncResult:
         if connection is not None:
-            return AsyncResult(self, enqueue.insert(connection, spec))
-        return AsyncResult(self, self.run(lambda conn: enqueue.insert(conn, spec)))
+            job_id, inserted = enqueue.write(connection, spec)
+        else:
+            job_id, inserted = self.run(lambda conn: enqueue.write(conn, spec))
+        handle = AsyncResult(self, job_id)
+        handle.deduplicated = not inserted
+        return handle
 
     def result(self, job_id: int) -> AsyncResult:
         """A handle for a job whose id you know (Celery's ``AsyncResult(id)``)."""
         return AsyncResult(self, job_id)
 
     AsyncResult = result
+
+    # --- job control (see docs/job-control.md) ---------------------------------------------------
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a job. Returns its status afterwards: ``cancelled`` if it was waiting (it never runs);
+        ``running`` if it is running: its worker learns of the request on its next heartbeat, records
+        the job ``cancelled`` and interrupts the task (unless the task finished first: then its own
+        outcome stands); or its final status, unchanged, if it had finished. Raises JobNotFound."""
+        status = self.run(lambda conn: control.cancel(conn, [job_id]))[int(job_id)]
+        if status is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        return status
+
+    def retry(self, job_id: int) -> str:
+        """Run a failed or cancelled job again: back to ``queued``, due now, with its attempts reset (it
+        gets its max_attempts again), its stored outcome deleted, its error history kept. Returns its
+        status afterwards: ``queued``, or its status unchanged when it was not failed or cancelled (or
+        another job holds its unique key). Raises JobNotFound."""
+        status, _ = self.run(lambda conn: control.requeue(conn, [job_id]))[int(job_id)]
+        if status is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        return status
 
     # --- periodic tasks ------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from typing import Any
 import click
 import psycopg
 
-from . import db, grants, migrate, periodic, sql
+from . import control, db, grants, migrate, periodic, sql
 from .app import App
-from .errors import ConfigurationError, Error
+from .errors import ConfigurationError, Error, JobNotFound
 from .states import ALL
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -83,9 +83,9 @@ def setup_logging(level: str) -> None:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--database-url", envvar="PGQ_DATABASE_URL", metavar="URL",
-              help="libpq URL or conninfo of the database [env: PGQ_DATABASE_URL, then DATABASE_URL; "
-                   "none: the embedded PostgreSQL in ./.pgq]")
+@click.option("--database-url", metavar="URL",
+              help="libpq URL or conninfo of the database; wins over the App's own URL, which wins over "
+                   "PGQ_DATABASE_URL, then DATABASE_URL; with none of them: the embedded PostgreSQL in ./.pgq")
 @click.option("-A", "--app", "app_target", envvar="PGQ_APP", metavar="MODULE[:ATTR]",
               help="Where your pgq.App lives, e.g. proj.tasks:app or proj.tasks [env: PGQ_APP]")
 @click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
@@ -143,6 +143,10 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Wake on NOTIFY; --no-listen polls only (PgBouncer transaction mode) [env: PGQ_LISTEN=0]")
 @click.option("--rescue-interval", type=click.FloatRange(min=0.1), default=5.0, envvar="PGQ_RESCUE_INTERVAL",
               help="Seconds between sweeps for jobs whose lease expired [env: PGQ_RESCUE_INTERVAL]")
+@click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              envvar="PGQ_TASK_TIMEOUT",
+              help="Seconds a job may run when its task sets no timeout of its own; the attempt then fails "
+                   "and is retried [env: PGQ_TASK_TIMEOUT; default: no limit]")
 @click.option("--prepare/--no-prepare", default=True, envvar="PGQ_PREPARE",
               help="Use server-side prepared statements; --no-prepare for poolers that cannot keep them "
                    "(PgBouncer < 1.21 in transaction mode) [env: PGQ_PREPARE=0]")
@@ -150,8 +154,8 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Log level (same as the global -l)")
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
-               shutdown_grace: float, listen: bool, rescue_interval: float, prepare: bool,
-               loglevel: str | None, beat: bool = False) -> None:
+               shutdown_grace: float, listen: bool, rescue_interval: float, task_timeout: float | None,
+               prepare: bool, loglevel: str | None, beat: bool = False) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
@@ -165,7 +169,8 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
     setup_logging(obj["loglevel"])
     app = _app(ctx)
     worker = app.worker(queues=queues, concurrency=concurrency, pool=pool, poll_interval=poll_interval,
-                        shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval)
+                        shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval,
+                        task_timeout=task_timeout)
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")
@@ -184,7 +189,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     with db.connect(app.database_url, role="cli", autocommit=True) as conn:
         migrate.check(conn)
         rows = conn.execute(sql.STATUS_COUNTS).fetchall()
-        workers = conn.execute(sql.WORKERS_ALIVE).fetchall()
+        workers = conn.execute(sql.WORKERS).fetchall()
     queues: dict[str, dict[str, Any]] = {}
     for queue, status, count, oldest in rows:
         entry = queues.setdefault(queue, {"counts": dict.fromkeys(map(str, ALL), 0), "oldest_due": None})
@@ -197,7 +202,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                            None if e["oldest_due"] is None else e["oldest_due"].total_seconds()}
                        for q, e in queues.items()},
             "workers": [{"id": w[0], "hostname": w[1], "pid": w[2], "queues": w[3], "concurrency": w[4],
-                         "seconds_since_heartbeat": w[6].total_seconds()} for w in workers],
+                         "seconds_since_heartbeat": w[6].total_seconds(), "alive": _alive(w[6])}
+                        for w in workers],
         }, indent=2))
         return
     states = [str(s) for s in ALL]
@@ -210,17 +216,113 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         pairs = enumerate(zip(row, widths, strict=True))
         cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
         click.echo("  ".join(cells))
-    click.echo(f"\nworkers alive: {len(workers)}")
+    alive = [w for w in workers if _alive(w[6])]
+    click.echo(f"\nworkers alive: {len(alive)}" + (f" (and {len(workers) - len(alive)} not heard from in "
+                                                   f"{STALE_WORKER.total_seconds():.0f} s: killed?)"
+                                                   if len(alive) < len(workers) else ""))
     for w in workers:
         click.echo(f"  {w[0]}  queues={','.join(w[3])}  concurrency={w[4]}  "
-                   f"last heartbeat {w[6].total_seconds():.1f} s ago")
+                   f"last heartbeat {w[6].total_seconds():.1f} s ago" + ("" if _alive(w[6]) else "  STALE"))
+
+
+#: A worker heartbeats at least every 10 s; one silent for longer than this is dead or stuck.
+STALE_WORKER = timedelta(seconds=30)
+
+
+def _alive(since_heartbeat: timedelta) -> bool:
+    return since_heartbeat < STALE_WORKER
+
+
+@main.command("cancel")
+@click.argument("job_ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")
+@click.pass_context
+def cancel_cmd(ctx: click.Context, job_ids: tuple[int, ...]) -> None:
+    """Cancel jobs. A waiting job ends cancelled at once and never runs. A running job is asked to stop:
+    its worker learns it on its next heartbeat, records the job cancelled and interrupts the task (a
+    task that finishes first keeps its outcome). Finished jobs are left alone."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        with conn.transaction():
+            statuses = control.cancel(conn, job_ids)
+    missing = []
+    for job_id in dict.fromkeys(job_ids):
+        status = statuses.get(job_id)
+        if status is None:
+            missing.append(job_id)
+        elif status == "running":
+            click.echo(f"job {job_id}: running, asked to stop (its worker stops it at its next heartbeat)")
+        elif status == "cancelled":
+            click.echo(f"job {job_id}: cancelled")
+        else:
+            click.echo(f"job {job_id}: {status} already, left alone")
+    if missing:
+        raise JobNotFound(f"no job with id {', '.join(map(str, missing))}")
+
+
+@main.command("retry")
+@click.argument("job_ids", nargs=-1, type=click.IntRange(min=1), metavar="[ID]...")
+@click.option("--failed", is_flag=True, help="Retry every failed job of --task")
+@click.option("--cancelled", is_flag=True, help="Retry every cancelled job of --task")
+@click.option("--task", "task_name", metavar="NAME", help="The task whose jobs --failed/--cancelled retries")
+@click.option("--queue", metavar="QUEUE", help="Only the jobs of this queue (with --failed/--cancelled)")
+@click.pass_context
+def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancelled: bool, task_name: str | None,
+              queue: str | None) -> None:
+    """Run failed or cancelled jobs again: each goes back to queued, due now, with its attempts reset (it
+    gets its max_attempts again), its stored outcome deleted and its error history kept.
+
+    \b
+      pgq retry 123 124
+      pgq retry --failed --task proj.tasks.send_email [--queue emails]
+
+    In bulk, jobs are requeued 1000 per transaction. A job whose unique key another job holds (waiting or
+    running) is left alone.
+    """
+    bulk = failed or cancelled
+    if bulk == bool(job_ids):
+        raise click.ClickException("give job ids, or --failed (and/or --cancelled) with --task NAME")
+    if bulk and not task_name:
+        raise click.ClickException("--failed and --cancelled need --task NAME")
+    if not bulk and (task_name or queue):
+        raise click.ClickException("--task and --queue select the jobs of --failed or --cancelled")
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        if bulk:
+            assert task_name is not None
+            statuses = [s for s, wanted in (("failed", failed), ("cancelled", cancelled)) if wanted]
+            requeued, skipped = control.requeue_matching(conn, task_name=task_name, queue=queue, statuses=statuses)
+        else:
+            with conn.transaction():
+                outcome = control.requeue(conn, job_ids)
+    if bulk:
+        where = f" in queue {queue}" if queue else ""
+        click.echo(f"requeued {requeued} {' or '.join(statuses)} job(s) of {task_name}{where}")
+        if skipped:
+            click.echo(f"left {skipped} alone: another job with the same unique key is waiting or running")
+        return
+    missing = []
+    for job_id in dict.fromkeys(job_ids):
+        status, done = outcome.get(job_id, (None, False))
+        if status is None:
+            missing.append(job_id)
+        elif done:
+            click.echo(f"job {job_id}: queued")
+        elif status in control.RETRYABLE:
+            click.echo(f"job {job_id}: {status}, not retried: another job with its unique key is waiting or running")
+        else:
+            click.echo(f"job {job_id}: {status}, not retried: only failed or cancelled jobs can be")
+    if missing:
+        raise JobNotFound(f"no job with id {', '.join(map(str, missing))}")
 
 
 @main.command("grants")
 @click.option("--role", required=True, help="The PostgreSQL role to grant to (quoted as an identifier)")
 @click.option("--kind", type=click.Choice(list(grants.KINDS)), required=True,
               help="producer: enqueue and read results; worker: claim, run and record jobs; scheduler: enqueue "
-                   "periodic ticks (pgq beat; `worker -B` needs worker and scheduler)")
+                   "periodic ticks (pgq beat; `worker -B` needs worker and scheduler); control: cancel and retry "
+                   "jobs by hand")
 @click.option("--apply", "apply_", is_flag=True,
               help="Run the statements against the database instead of printing them (needs the schema owner)")
 @click.pass_context

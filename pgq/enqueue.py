@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -20,6 +20,8 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_TASK_NAME = 200
 PRIORITY_RANGE = (-32768, 32767)  # the column is a smallint; higher runs first
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+MAX_UNIQUE_KEY_BYTES = 1000  # a btree entry holds at most ~2700 bytes; long keys should be hashed
+UNIQUE_TRIES = 10  # see write()
 
 
 def max_payload_bytes() -> int:
@@ -43,6 +45,8 @@ class JobSpec:
     ignore_result: bool
     eta: datetime | None
     countdown: float | None
+    unique_key: str | None = None  # while a job with this key waits or runs, enqueueing returns that job
+    unique_for: float | None = None  # seconds a finished job keeps its key taken (None: only while unfinished)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -57,6 +61,8 @@ class JobSpec:
             "ignore_result": self.ignore_result,
             "eta": self.eta,
             "countdown": self.countdown,
+            "unique_key": self.unique_key,
+            "unique_for": self.unique_for,
         }
 
 
@@ -73,6 +79,8 @@ def build(
     ignore_result: bool = False,
     eta: Any = None,
     countdown: Any = None,
+    unique_key: Any = None,
+    unique_for: Any = None,
 ) -> JobSpec:
     """Validate everything about a job; raise EnqueueError naming the task and the problem."""
     if not isinstance(task_name, str) or not task_name.strip():
@@ -119,6 +127,17 @@ def build(
             )
     if countdown is not None and (not _finite_number(countdown) or countdown < 0):
         raise refuse(f"countdown must be a number of seconds >= 0, got {countdown!r}")
+    if unique_key is not None:
+        problem = unique_key_problem(unique_key)
+        if problem:
+            raise refuse(problem)
+    try:
+        unique_seconds = unique_for_seconds(unique_for)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
+    if unique_seconds is not None and unique_key is None:
+        raise refuse("unique_for needs a unique key: pass unique_key=, or register the task with unique=True or "
+                     "unique_key=")
 
     return JobSpec(
         task_name=task_name,
@@ -132,7 +151,35 @@ def build(
         ignore_result=bool(ignore_result),
         eta=eta,
         countdown=None if countdown is None else float(countdown),
+        unique_key=unique_key,
+        unique_for=unique_seconds,
     )
+
+
+def unique_key_problem(key: Any) -> str | None:
+    """Why *key* cannot be a unique key, or None if it can."""
+    if not isinstance(key, str) or not key:
+        return f"unique_key must be a non-empty string, got {key!r}"
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "unique_key cannot contain lone surrogates (PostgreSQL text is UTF-8)"
+    if "\x00" in key:
+        return "unique_key cannot contain the NUL character (PostgreSQL text cannot store it)"
+    if size > MAX_UNIQUE_KEY_BYTES:
+        return (f"unique_key is {size} bytes as UTF-8, over the limit of {MAX_UNIQUE_KEY_BYTES}; hash a long key "
+                "(e.g. hashlib.sha256(key.encode()).hexdigest())")
+    return None
+
+
+def unique_for_seconds(value: Any) -> float | None:
+    """``unique_for`` (a timedelta or a number of seconds >= 0) in seconds; None stays None."""
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if not _finite_number(seconds) or seconds < 0:
+        raise ValueError(f"unique_for must be a timedelta or a number of seconds >= 0, got {value!r}")
+    return float(seconds)
 
 
 def _finite_number(value: Any) -> bool:
@@ -142,7 +189,45 @@ def _finite_number(value: Any) -> bool:
 def insert(connection: Any, spec: JobSpec) -> int:
     """Insert *spec* through the caller's connection, inside whatever transaction it has open.
     Nothing is committed here: the job exists only if the caller commits."""
+    if spec.unique_key is not None:
+        return write(connection, spec)[0]
     return int(execute(connection, sql.ENQUEUE, spec.params())[0][0])
+
+
+def write(connection: Any, spec: JobSpec) -> tuple[int, bool]:
+    """Like insert(), and says whether a job was inserted: (job id, True), or (the id of the job that
+    holds *spec*'s unique key, False).
+
+    The partial unique index ``jobs_unique_key_idx`` is what guarantees one waiting-or-running job per
+    key: ENQUEUE_UNIQUE inserts with ON CONFLICT DO NOTHING, and a concurrent producer's insert of the
+    same key waits for ours to commit or roll back. When its snapshot predates the winner's commit it
+    finds neither an existing job nor room to insert, and returns nothing; the statement then runs again
+    (in READ COMMITTED each run sees what committed before it), at most UNIQUE_TRIES times.
+
+    ``unique_for`` also covers finished jobs, which the index cannot see. So producers that give it first
+    take a transaction-scoped advisory lock on the key (UNIQUE_LOCK), released at commit or rollback:
+    one at a time per key, each one's lookup runs after the previous one committed, so it sees that
+    job whether it is still waiting or already finished. A transaction-scoped lock needs no table or
+    cleanup, cannot outlive a rolled-back enqueue, and works through PgBouncer in transaction mode.
+    """
+    if spec.unique_key is None:
+        return insert(connection, spec), True
+    if isinstance(connection, psycopg.Connection) and connection.autocommit:
+        with connection.transaction():  # the lock must last until the insert commits
+            return _write_unique(connection, spec)
+    return _write_unique(connection, spec)
+
+
+def _write_unique(connection: Any, spec: JobSpec) -> tuple[int, bool]:
+    params = spec.params()
+    if spec.unique_for is not None:
+        execute(connection, sql.UNIQUE_LOCK, {"unique_key": spec.unique_key})
+    for _ in range(UNIQUE_TRIES):
+        rows = execute(connection, sql.ENQUEUE_UNIQUE, params)
+        if rows:
+            return int(rows[0][0]), bool(rows[0][1])
+    raise EnqueueError(f"cannot enqueue {spec.task_name}: the job holding unique key {spec.unique_key!r} kept "
+                       f"finishing and being replaced while this enqueue ran ({UNIQUE_TRIES} tries)")
 
 
 def execute(connection: Any, statement: str, params: Mapping[str, Any]) -> list[tuple]:

@@ -52,6 +52,13 @@ class TaskTimeout(BaseException):
     ``except Exception`` does not swallow it: clean up in ``finally`` instead."""
 
 
+class CancelRequested(BaseException):
+    """Raised inside a running task whose job was cancelled (``handle.cancel()``, ``pgq cancel``), the way
+    TaskTimeout is: at the task's next Python bytecode once its worker learns of the request. A
+    BaseException, so that ``except Exception`` does not swallow it: clean up in ``finally``. The job is
+    already recorded ``cancelled`` when it arrives; whatever the task does next is discarded."""
+
+
 class Retry(Exception):
     """Raised by ``self.retry()`` inside a bound task: end this attempt and schedule another."""
 

@@ -1,20 +1,22 @@
 """Running one claimed job and deciding its outcome. Pure: no database, so it is tested without one.
 
-The outcome is one of three: Succeeded (with the result as JSON text), RetryLater (with a delay), or
-Failed. Errors that can never succeed — an unknown task name, arguments that do not fit the function,
-a result that is not JSON — fail at once instead of burning the remaining attempts.
+The outcome is one of four: Succeeded (with the result as JSON text), RetryLater (with a delay),
+Failed, or Cancelled. Errors that can never succeed — an unknown task name, arguments that do not fit
+the function, a result that is not JSON — fail at once instead of burning the remaining attempts, and so
+do the exceptions a task's retry policy discards (see :class:`pgq.retry.RetryPolicy`).
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 import traceback as tb_module
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import retry, serialization
-from .errors import NotRetryable, Retry, SerializationError
+from .errors import CancelRequested, NotRetryable, Retry, SerializationError, TaskTimeout
 from .tasks import Request, Task, run_with_request
 
 MAX_TRACEBACK_CHARS = 20_000
@@ -69,11 +71,23 @@ class Failed:
     error: ErrorInfo
 
 
-Outcome = Succeeded | RetryLater | Failed
+@dataclass(frozen=True)
+class Cancelled:
+    message: str
+
+    def entry(self, attempt: int) -> str:
+        """The attempt's record in ``jobs.errors``."""
+        return ErrorInfo("TaskCancelled", self.message, None).entry(attempt)
 
 
-def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None) -> Outcome:
-    """Run *job* with the task registered under its name and say how it ended. Never raises."""
+Outcome = Succeeded | RetryLater | Failed | Cancelled
+
+
+def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None,
+        cancel_event: threading.Event | None = None) -> Outcome:
+    """Run *job* with the task registered under its name and say how it ended. Never raises.
+    *cancel_event* is what the task's ``is_cancelled()`` reads."""
+    task = None
     try:
         task = tasks.get(job.task_name)
         if task is None:
@@ -81,7 +95,7 @@ def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None
         call = _bind_call(task, job)
         request = Request(
             id=job.id, task_name=job.task_name, attempt=job.attempt, max_attempts=job.max_attempts,
-            queue=job.queue, args=job.args, kwargs=job.kwargs, worker_id=worker_id,
+            queue=job.queue, args=job.args, kwargs=job.kwargs, worker_id=worker_id, cancel_event=cancel_event,
         )
         value = run_with_request(request, call)
         if job.ignore_result:
@@ -93,11 +107,13 @@ def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None
     except NotRetryable as exc:
         return Failed(ErrorInfo("NotRetryable", _safe_str(exc), None))
     except Retry as exc:
-        return _after_retry_request(job, exc)
-    except Exception as exc:  # the task's own failure: retry while attempts are left
-        return _after_error(job, describe(exc))
+        return _after_retry_request(job, exc, task)
+    except Exception as exc:  # the task's own failure: retry while attempts are left (and its policy says so)
+        return _after_error(job, describe(exc), task, type(exc))
+    except CancelRequested:  # the worker interrupted it for a cancellation (or the task cancelled itself)
+        return cancelled(job)
     except BaseException as exc:  # SystemExit / KeyboardInterrupt inside a task must not kill the worker
-        return _after_error(job, describe(exc))
+        return _after_error(job, describe(exc), task, type(exc))
 
 
 def _bind_call(task: Task, job: ClaimedJob) -> Any:
@@ -117,18 +133,29 @@ def _bind_call(task: Task, job: ClaimedJob) -> Any:
     return lambda: task(*args, **kwargs)
 
 
-def timed_out(job: ClaimedJob, seconds: float) -> Outcome:
-    """The outcome of an attempt that ran past its timeout: retried like any error while attempts remain."""
-    return _after_error(job, ErrorInfo("TaskTimeout", f"exceeded its timeout of {seconds:g} s", None))
+def timed_out(job: ClaimedJob, seconds: float, task: Task | None = None) -> Outcome:
+    """The outcome of an attempt that ran past its timeout: retried like any error while attempts remain
+    (and the task's retry policy, for pgq.TaskTimeout, allows)."""
+    return _after_error(job, ErrorInfo("TaskTimeout", f"exceeded its timeout of {seconds:g} s", None), task,
+                        TaskTimeout)
 
 
-def _after_error(job: ClaimedJob, error: ErrorInfo) -> Outcome:
+def cancelled(job: ClaimedJob) -> Cancelled:
+    """The outcome of an attempt ended by its job's cancellation."""
+    return Cancelled(f"cancelled while running (attempt {job.attempt})")
+
+
+def _after_error(job: ClaimedJob, error: ErrorInfo, task: Task | None = None,
+                 exc_type: type[BaseException] | None = None) -> Outcome:
     if job.attempt >= job.max_attempts:
         return Failed(error)
-    return RetryLater(retry.backoff_seconds(job.attempt, job.retry_backoff), error)
+    if task is None or exc_type is None or not task.retry_policy:
+        return RetryLater(retry.backoff_seconds(job.attempt, job.retry_backoff), error)
+    delay = task.retry_policy.delay_for(exc_type, job.attempt, job.retry_backoff)
+    return Failed(error) if delay is None else RetryLater(delay, error)
 
 
-def _after_retry_request(job: ClaimedJob, request: Retry) -> Outcome:
+def _after_retry_request(job: ClaimedJob, request: Retry, task: Task | None = None) -> Outcome:
     if request.exc is not None:
         error = describe(request.exc)
     else:
@@ -136,9 +163,13 @@ def _after_retry_request(job: ClaimedJob, request: Retry) -> Outcome:
     if job.attempt >= job.max_attempts:
         return Failed(ErrorInfo(error.type_name, f"{error.message} (no attempts left: {job.max_attempts} used)",
                                 error.traceback))
-    delay = request.countdown if request.countdown is not None else retry.backoff_seconds(
-        job.attempt, job.retry_backoff
-    )
+    if request.countdown is not None:
+        delay = request.countdown
+    elif task is not None and task.retry_policy:
+        delay = task.retry_policy.requested_delay(type(request.exc) if request.exc is not None else None,
+                                                  job.attempt, job.retry_backoff)
+    else:
+        delay = retry.backoff_seconds(job.attempt, job.retry_backoff)
     return RetryLater(max(0.0, float(delay)), error)
 
 

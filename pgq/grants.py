@@ -10,7 +10,7 @@ from psycopg import sql
 
 from .schema import SCHEMA
 
-KINDS = ("producer", "worker", "scheduler")
+KINDS = ("producer", "worker", "scheduler", "control")
 
 # (privileges, table) per kind. Why each one:
 _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
@@ -36,6 +36,14 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         # Enqueue each tick's job (RETURNING id needs SELECT); `pgq periodic list` reads the job's status.
         ("SELECT, INSERT", "jobs"),
         # Check at start that the schema is migrated to the version the code expects.
+        ("SELECT", "alembic_version"),
+    ],
+    "control": [
+        # Cancel and retry by hand (cancel(), app.retry(), `pgq cancel`, `pgq retry`): UPDATE the jobs.
+        ("SELECT, UPDATE", "jobs"),
+        # Store a cancelled job's outcome (INSERT … ON CONFLICT DO UPDATE); delete it on a retry by hand.
+        ("SELECT, INSERT, UPDATE, DELETE", "results"),
+        # The commands check that the schema is migrated to the version the code expects.
         ("SELECT", "alembic_version"),
     ],
 }

@@ -1,6 +1,7 @@
 """Background duties of every worker, each callable once (``run_once``) so tests drive them directly.
 
-- heartbeat: extend the leases of the jobs this worker runs, and refresh its row in ``pgq.workers``;
+- heartbeat: extend the leases of the jobs this worker runs (learning which of them were cancelled
+  meanwhile), and refresh its row in ``pgq.workers``;
 - rescue: give back jobs whose lease expired on any worker (killed, partitioned, frozen). Every worker
   runs it; ``FOR UPDATE SKIP LOCKED`` shares the work without a leader or an advisory lock, so it keeps
   working behind PgBouncer in transaction mode.
@@ -40,6 +41,9 @@ def rescue_expired(conn: psycopg.Connection, limit: int = RESCUE_BATCH) -> list[
     for job_id, status, task_name, attempts, max_attempts in rows:
         if status == "failed":
             log.error("job %d %s lost its worker on all %d attempts: failed", job_id, task_name, attempts)
+        elif status == "cancelled":
+            log.warning("job %d %s: lease expired on attempt %d/%d (worker lost) after its cancellation was "
+                        "requested: cancelled", job_id, task_name, attempts, max_attempts)
         else:
             log.warning("job %d %s: lease expired on attempt %d/%d (worker lost); will run again",
                         job_id, task_name, attempts, max_attempts)
@@ -81,6 +85,7 @@ class Keeper:
             self._last_rescue = time.monotonic()
             if rescue_expired(conn):
                 self.worker._wake.set()
+            conn.execute(sql.WORKERS_FORGET_STALE, {"after": FORGET_WORKERS_AFTER})
 
     def heartbeat(self, conn: psycopg.Connection) -> None:
         w = self.worker
@@ -101,6 +106,9 @@ class Keeper:
             lost = [t[0] for t in tokens if t[0] not in kept]
             if lost:
                 w.lost_leases(lost)
+            cancelled = [row[0] for row in rows if row[1]]
+            if cancelled:
+                w.cancel_requested(cancelled)
 
     def loop(self) -> None:
         delay = 0.1

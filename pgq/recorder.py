@@ -19,7 +19,7 @@ import psycopg
 
 from . import db, sql
 from .errors import DatabaseUnavailable
-from .executor import ClaimedJob, ErrorInfo, Failed, Outcome, RetryLater, Succeeded
+from .executor import Cancelled, ClaimedJob, ErrorInfo, Failed, Outcome, RetryLater, Succeeded
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -135,6 +135,13 @@ class Recorder:
                     }).fetchone()
                     if row is None:
                         _log_fenced(job, "failure")
+                elif isinstance(outcome, Cancelled):
+                    row = conn.execute(sql.CANCEL_RUNNING, {
+                        "id": job.id, "attempt": job.attempt, "entry": outcome.entry(job.attempt),
+                        "message": outcome.message,
+                    }).fetchone()
+                    if row is None:
+                        _log_fenced(job, "cancellation")
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -23,6 +23,8 @@ class AsyncResult:
     def __init__(self, app: App, job_id: int):
         self.app = app
         self.id = int(job_id)
+        # True when enqueueing found a job holding the same unique key and returned it instead.
+        self.deduplicated = False
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
@@ -55,6 +57,10 @@ class AsyncResult:
 
     def failed(self) -> bool:
         return self.status == "failed"
+
+    def cancel(self) -> str:
+        """Cancel the job; see :meth:`pgq.App.cancel`. Returns its status afterwards."""
+        return self.app.cancel(self.id)
 
     def get(self, timeout: float | None = None, *, propagate: bool = True) -> Any:
         """Wait for the job to finish and return its result.
@@ -95,7 +101,7 @@ class AsyncResult:
         if result_status == "failed":
             return TaskFailed(error_type or "Error", error_message or "", traceback, job_id=self.id)
         if job_status == "cancelled" or result_status == "cancelled":
-            return TaskCancelled(f"job {self.id} was cancelled")
+            return TaskCancelled(f"job {self.id} was {error_message or 'cancelled'}")
         if job_status == "succeeded":  # ignore_result=True: the job ran, nothing was stored
             return None
         if job_status is None:

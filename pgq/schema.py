@@ -30,11 +30,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from .states import ALL, TERMINAL, WAITING
+from .states import ALL, TERMINAL, WAITING, JobStatus
 
 SCHEMA = "pgq"
 
 metadata = MetaData(schema=SCHEMA)
+
+UNFINISHED = (*WAITING, JobStatus.RUNNING)
+KEEP_KEY = (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
 def _in(column: str, states: tuple) -> str:
@@ -64,6 +67,8 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    Column("unique_key", Text),  # see jobs_unique_key_idx
+    Column("cancel_requested_at", DateTime(timezone=True)),  # set by cancel(); a running job's worker stops it
     CheckConstraint(_in("status", ALL), name="jobs_status_check"),
     CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_check"),
     CheckConstraint("lease_seconds >= 1", name="jobs_lease_seconds_check"),
@@ -95,11 +100,26 @@ Index(
     jobs.c.finished_at,
     postgresql_where=text(_in("status", TERMINAL)),
 )
+# Unique jobs: at most one waiting or running job per key. Enqueue inserts with ON CONFLICT DO NOTHING on
+# this index, so concurrent producers of a key get one job. Jobs without a key are not in it.
+Index(
+    "jobs_unique_key_idx",
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=text(f"unique_key IS NOT NULL AND {_in('status', UNFINISHED)}"),
+)
+# unique_for: the latest finished job of a key (cancelled jobs let go of their key).
+Index(
+    "jobs_unique_finished_idx",
+    jobs.c.unique_key,
+    jobs.c.finished_at,
+    postgresql_where=text(f"unique_key IS NOT NULL AND {_in('status', KEEP_KEY)}"),
+)
 
 results = Table(
     "results",
     metadata,
-    Column("job_id", BigInteger, primary_key=True),
+    Column("job_id", BigInteger, primary_key=True, autoincrement=False),
     Column("status", Text, nullable=False),
     Column("result", JSONB),
     Column("error_type", Text),

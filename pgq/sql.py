@@ -19,6 +19,42 @@ VALUES (%(queue)s, %(task_name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority
 RETURNING id
 """
 
+# Enqueue with unique_for: one producer at a time per key, until its transaction ends (see enqueue.write).
+# A separate statement, so that the ENQUEUE_UNIQUE after it takes its snapshot once the lock is held.
+UNIQUE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('pgq.unique:' || %(unique_key)s, 0))"
+
+# Enqueue a job with a unique key, or return the job that holds the key: (id, true) when inserted,
+# (id, false) for the existing job. A key is held by its waiting or running job (jobs_unique_key_idx,
+# which also arbitrates concurrent inserts) and, for `unique_for` seconds, by a job that finished
+# (succeeded or failed; a cancelled job lets go of its key). No row: a concurrent producer's job
+# committed after this statement's snapshot was taken; run it again (enqueue.write does).
+ENQUEUE_UNIQUE = """
+WITH existing AS (
+    SELECT coalesce(
+        (SELECT id FROM pgq.jobs
+         WHERE unique_key = %(unique_key)s AND status IN ('queued', 'retrying', 'running') LIMIT 1),
+        (SELECT id FROM pgq.jobs
+         WHERE unique_key = %(unique_key)s AND status IN ('succeeded', 'failed')
+           AND finished_at >= now() - make_interval(secs => %(unique_for)s::float8)
+         ORDER BY finished_at DESC LIMIT 1)
+    ) AS id
+), inserted AS (
+    INSERT INTO pgq.jobs (queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
+                          lease_seconds, ignore_result, run_at, unique_key)
+    SELECT %(queue)s, %(task_name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
+           %(retry_backoff)s, %(lease_seconds)s, %(ignore_result)s,
+           COALESCE(%(eta)s::timestamptz, now() + make_interval(secs => COALESCE(%(countdown)s::float8, 0))),
+           %(unique_key)s
+    WHERE (SELECT id FROM existing) IS NULL
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status IN ('queued', 'retrying', 'running')
+    DO NOTHING
+    RETURNING id
+)
+SELECT id, true FROM inserted
+UNION ALL
+SELECT id, false FROM existing WHERE id IS NOT NULL
+"""
+
 # Claim up to `limit` due jobs of the given queues. The CTE is the optimization fence that makes LIMIT
 # mean what it says: as an `IN (subquery)` the locking subquery may be re-run and claim more rows.
 # SKIP LOCKED lets concurrent workers pass each other instead of queueing on the same rows. Each claim
@@ -61,15 +97,28 @@ WITH done AS (
 SELECT id FROM done
 """
 
-# One failed attempt that will be tried again after `delay` seconds, fenced like COMPLETE_MANY.
+# One failed attempt that will be tried again after `delay` seconds, fenced like COMPLETE_MANY. A job
+# whose cancellation was requested meanwhile is not handed back: it ends `cancelled` instead.
 RETRY = """
-UPDATE pgq.jobs
-SET status = 'retrying', lease_expires_at = NULL,
-    run_at = now() + make_interval(secs => %(delay)s::float8),
-    last_error = %(error)s,
-    errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
-WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'running'
-RETURNING id
+WITH retried AS (
+    UPDATE pgq.jobs
+    SET status = CASE WHEN cancel_requested_at IS NULL THEN 'retrying' ELSE 'cancelled' END,
+        finished_at = CASE WHEN cancel_requested_at IS NULL THEN finished_at ELSE now() END,
+        lease_expires_at = NULL,
+        run_at = now() + make_interval(secs => %(delay)s::float8),
+        last_error = %(error)s,
+        errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
+    WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'running'
+    RETURNING id, status, attempts
+), cancelled AS (
+    INSERT INTO pgq.results (job_id, status, error_type, error_message)
+    SELECT id, 'cancelled', 'TaskCancelled', 'cancelled while running (attempt ' || attempts || ')'
+    FROM retried WHERE status = 'cancelled'
+    ON CONFLICT (job_id) DO UPDATE
+    SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+        error_message = excluded.error_message, traceback = NULL, created_at = now()
+)
+SELECT id FROM retried
 """
 
 # The job ends `failed` (attempts exhausted, or it can never succeed), with its error kept for get().
@@ -89,30 +138,62 @@ SET status = excluded.status, result = NULL, error_type = excluded.error_type,
 RETURNING job_id
 """
 
+# A running attempt ended by its cancellation (the worker learned of the request on its heartbeat), fenced
+# like FAIL. The job ends `cancelled`, with the attempt in its error history.
+CANCEL_RUNNING = """
+WITH cancelled AS (
+    UPDATE pgq.jobs
+    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,
+        cancel_requested_at = coalesce(cancel_requested_at, now()),
+        errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
+    WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'running'
+    RETURNING id
+)
+INSERT INTO pgq.results (job_id, status, error_type, error_message)
+SELECT id, 'cancelled', 'TaskCancelled', %(message)s FROM cancelled
+ON CONFLICT (job_id) DO UPDATE
+SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+    error_message = excluded.error_message, traceback = NULL, created_at = now()
+RETURNING job_id
+"""
+
 # Heartbeat: push the leases of the jobs this worker is running further out. Returns the ids still
-# held; any other id was rescued and possibly re-claimed elsewhere (this worker was frozen too long).
+# held, each with whether its cancellation was requested; any other id was rescued and possibly
+# re-claimed elsewhere (this worker was frozen too long).
 EXTEND_LEASES = """
 UPDATE pgq.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => j.lease_seconds)
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
 WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
-RETURNING j.id
+RETURNING j.id, j.cancel_requested_at IS NOT NULL
 """
 
 # Undo claims of jobs that never started (shutdown): the attempt is given back, so a clean restart
-# costs a job nothing.
+# costs a job nothing. A job whose cancellation was requested ends `cancelled` instead.
 RELEASE = """
-UPDATE pgq.jobs AS j
-SET status = CASE WHEN j.attempts > 1 THEN 'retrying' ELSE 'queued' END,
-    attempts = j.attempts - 1, lease_expires_at = NULL, worker_id = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
-WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
-RETURNING j.id
+WITH released AS (
+    UPDATE pgq.jobs AS j
+    SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN j.attempts > 1 THEN 'retrying' ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() ELSE j.finished_at END,
+        attempts = j.attempts - 1, lease_expires_at = NULL, worker_id = NULL
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
+    WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
+    RETURNING j.id, j.status
+), cancelled AS (
+    INSERT INTO pgq.results (job_id, status, error_type, error_message)
+    SELECT id, 'cancelled', 'TaskCancelled', 'cancelled before it ran' FROM released WHERE status = 'cancelled'
+    ON CONFLICT (job_id) DO UPDATE
+    SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+        error_message = excluded.error_message, traceback = NULL, created_at = now()
+)
+SELECT id FROM released
 """
 
 # Rescue jobs whose lease expired (their worker was killed, lost its machine, or froze): the attempt
-# counts, and a job lost on its last attempt ends `failed` with a reason that says so. SKIP LOCKED and
-# the re-checked WHERE make it safe for every worker to run this at once, without advisory locks.
+# counts, and a job lost on its last attempt ends `failed` with a reason that says so (and one whose
+# cancellation was requested ends `cancelled`). SKIP LOCKED and the re-checked WHERE make it safe for
+# every worker to run this at once, without advisory locks.
 RESCUE = """
 WITH expired AS (
     SELECT id FROM pgq.jobs
@@ -122,8 +203,9 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ), rescued AS (
     UPDATE pgq.jobs AS j
-    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'retrying' END,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'retrying' END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR j.attempts >= j.max_attempts THEN now() END,
         run_at = now() + make_interval(secs => least(%(max_backoff)s, power(j.retry_backoff, j.attempts))),
         lease_expires_at = NULL,
         last_error = CASE WHEN j.attempts >= j.max_attempts
@@ -141,7 +223,10 @@ WITH expired AS (
     RETURNING j.id, j.status, j.task_name, j.attempts, j.max_attempts, j.last_error
 ), saved AS (
     INSERT INTO pgq.results (job_id, status, error_type, error_message)
-    SELECT id, 'failed', 'LeaseExpired', last_error FROM rescued WHERE status = 'failed'
+    SELECT id, status, CASE status WHEN 'failed' THEN 'LeaseExpired' ELSE 'TaskCancelled' END,
+           CASE status WHEN 'failed' THEN last_error
+                ELSE 'cancelled while running (attempt ' || attempts || '; its worker was lost)' END
+    FROM rescued WHERE status IN ('failed', 'cancelled')
     ON CONFLICT (job_id) DO UPDATE
     SET status = excluded.status, result = NULL, error_type = excluded.error_type,
         error_message = excluded.error_message, traceback = NULL, created_at = now()
@@ -180,9 +265,83 @@ GROUP BY queue, status
 ORDER BY queue, status
 """
 
-WORKERS_ALIVE = """
+# Worker rows, with how long ago each heartbeated (a killed worker's row stays until it is forgotten).
+WORKERS = """
 SELECT id, hostname, pid, queues, concurrency, started_at, now() - last_heartbeat_at AS since_heartbeat
 FROM pgq.workers ORDER BY started_at
+"""
+
+# --- job control (pgq.control): cancel, retry by hand ------------------------------------------------
+
+# Cancel jobs: a waiting one ends `cancelled` at once (it never runs); a running one keeps running with
+# cancel_requested_at set, which its worker learns on its next heartbeat (EXTEND_LEASES), and every
+# statement that would hand it back ends it `cancelled` instead. One UPDATE, so a concurrent claim or
+# completion is re-checked on the row's new version: a job claimed meanwhile is asked to stop, one that
+# finished meanwhile is left alone. Returns each id with its status after this statement (NULL: no such
+# job) and whether this statement changed it.
+CANCEL = """
+WITH changed AS (
+    UPDATE pgq.jobs
+    SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+        cancel_requested_at = coalesce(cancel_requested_at, now())
+    WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('queued', 'retrying', 'running')
+    RETURNING id, status, attempts
+), saved AS (
+    INSERT INTO pgq.results (job_id, status, error_type, error_message)
+    SELECT id, 'cancelled', 'TaskCancelled',
+           CASE WHEN attempts = 0 THEN 'cancelled before it ran'
+                ELSE 'cancelled while waiting to be retried (after attempt ' || attempts || ')' END
+    FROM changed WHERE status = 'cancelled'
+    ON CONFLICT (job_id) DO UPDATE
+    SET status = excluded.status, result = NULL, error_type = excluded.error_type,
+        error_message = excluded.error_message, traceback = NULL, created_at = now()
+)
+SELECT q.id, coalesce(c.status, j.status), c.id IS NOT NULL
+FROM unnest(%(ids)s::bigint[]) AS q(id)
+LEFT JOIN changed AS c ON c.id = q.id
+LEFT JOIN pgq.jobs AS j ON j.id = q.id
+"""
+
+# Retry failed or cancelled jobs by hand: due now, attempts reset to 0 so the job gets its max_attempts
+# again, its stored outcome deleted; the error history is kept, with a note of the reset. NOTIFY wakes
+# the workers (identical notifications fold into one per queue). A job whose unique key another job
+# holds now is left alone. Returns each id with its status after this statement (NULL: no such job)
+# and whether this statement requeued it.
+REQUEUE = """
+WITH requeued AS (
+    UPDATE pgq.jobs AS j
+    SET status = 'queued', attempts = 0, run_at = now(), finished_at = NULL, lease_expires_at = NULL,
+        worker_id = NULL, cancel_requested_at = NULL,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'type', 'ManualRetry',
+            'message', 'retried by hand after ' || j.attempts || ' attempt(s) ended ' || j.status
+                       || ': attempts reset to 0'))
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.status IN ('failed', 'cancelled')
+      AND (j.unique_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM pgq.jobs AS o
+          WHERE o.unique_key = j.unique_key AND o.status IN ('queued', 'retrying', 'running')))
+    RETURNING j.id, j.status, pg_notify('pgq_jobs', j.queue)  -- workers wake at commit, once per queue
+), dropped AS (
+    DELETE FROM pgq.results AS r USING requeued WHERE r.job_id = requeued.id
+)
+SELECT q.id, coalesce(r.status, j.status), r.id IS NOT NULL
+FROM unnest(%(ids)s::bigint[]) AS q(id)
+LEFT JOIN requeued AS r ON r.id = q.id
+LEFT JOIN pgq.jobs AS j ON j.id = q.id
+"""
+
+# The status of these jobs, for the ones pgq.control could not change.
+JOB_STATUSES = "SELECT id, status, false FROM pgq.jobs WHERE id = ANY(%(ids)s::bigint[])"
+
+# `pgq retry --failed --task T [--queue Q]`: the next batch of matching jobs after id `after`, by id
+# (REQUEUE then requeues them; a batch at a time keeps each transaction short).
+REQUEUE_PICK = """
+SELECT id FROM pgq.jobs
+WHERE status = ANY(%(statuses)s::text[]) AND task_name = %(task_name)s
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text) AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s
 """
 
 # Is pgq's schema there? Then SCHEMA_VERSION says at which revision.

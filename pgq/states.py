@@ -6,11 +6,15 @@
                         ├─raised on the last attempt, or can never succeed ─▶ failed
                         ├─lease expired (worker lost): rescued like a raise (▶ retrying or failed)
                         ├─timeout: like a raise
-                        └─worker shut down before starting it: claim undone (▶ queued, or
-                          retrying if it had failed before), the attempt not counted
+                        ├─worker shut down before starting it: claim undone (▶ queued, or
+                        │ retrying if it had failed before), the attempt not counted
+                        └─cancel() requested, seen on the worker's heartbeat ─▶ cancelled
+    queued / retrying ──cancel()──▶ cancelled
+    failed / cancelled ──retried by hand (app.retry, pgq retry)──▶ queued, attempts reset
 
-The values are plain lowercase words because operators read and filter them in SQL. ``cancelled``
-is terminal too; it is set by cancellation.
+A running job whose cancellation was requested never waits again: where it would go back to retrying
+or queued (raised, lease expired, shut down) it ends cancelled instead. The values are plain lowercase
+words because operators read and filter them in SQL.
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Mapping, Sequence
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import enqueue
-from .errors import Retry
+from . import enqueue, retry
+from .errors import EnqueueError, Retry
 
 if TYPE_CHECKING:
     from .app import App
@@ -28,6 +31,7 @@ class Request:
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     worker_id: str | None = None
+    cancel_event: threading.Event | None = field(default=None, repr=False, compare=False)  # see is_cancelled
 
     @property
     def retries(self) -> int:
@@ -57,6 +61,12 @@ class Task:
         bind: bool = False,
         ignore_result: bool = False,
         timeout: float | None = None,
+        unique: bool = False,
+        unique_key: str | Callable[..., str] | None = None,
+        unique_for: timedelta | float | None = None,
+        retry_on: Mapping[Any, retry.Backoff] | None = None,
+        discard_on: Iterable[type[BaseException]] | type[BaseException] = (),
+        autoretry_for: Iterable[type[BaseException]] | type[BaseException] | None = None,
     ):
         self.app = app
         self.fn = fn
@@ -72,8 +82,22 @@ class Task:
                                     or not timeout > 0):
             raise ValueError(f"task {name}: timeout must be a number of seconds > 0, got {timeout!r}")
         self.timeout = timeout
+        if unique and unique_key is not None:
+            raise ValueError(f"task {name}: give unique=True or unique_key=, not both")
+        if unique_key is not None and not callable(unique_key) and not isinstance(unique_key, str):
+            raise ValueError(f"task {name}: unique_key must be a string or a function of the task's arguments, "
+                             f"got {unique_key!r}")
+        if unique_for is not None and not unique and unique_key is None:
+            raise ValueError(f"task {name}: unique_for needs unique=True or unique_key=")
+        try:
+            self.unique_for = enqueue.unique_for_seconds(unique_for)
+        except ValueError as exc:
+            raise ValueError(f"task {name}: {exc}") from None
+        self.unique = bool(unique)
+        self.unique_key = unique_key
+        self.retry_policy = retry.RetryPolicy(retry_on, discard_on, autoretry_for, owner=f"task {name}")
         # Refuse bad defaults when the module is imported, not at the first enqueue.
-        self._spec()
+        self._spec(unique_key=unique_key if isinstance(unique_key, str) else None)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]
@@ -107,11 +131,19 @@ class Task:
         lease_seconds: int | None = None,
         ignore_result: bool | None = None,
         retry_backoff: float | None = None,
+        unique_key: str | None = None,
+        unique_for: timedelta | float | None = None,
     ) -> AsyncResult:
         """Enqueue with options. With ``connection=`` (a psycopg Connection, a SQLAlchemy Connection or
-        Session) the job is written in that caller's open transaction and exists only if it commits."""
+        Session) the job is written in that caller's open transaction and exists only if it commits.
+
+        With a unique key (``unique_key=``, or the task's ``unique``/``unique_key`` default), enqueueing
+        while a job with that key is waiting or running returns that job's handle instead (its
+        ``deduplicated`` is True); ``unique_for`` (a timedelta or seconds) also returns a job with that key
+        that finished (succeeded or failed) that recently. See docs/job-control.md."""
+        args = () if args is None else args
         spec = self._spec(
-            args=() if args is None else args,
+            args=args,
             kwargs=kwargs,
             countdown=countdown,
             eta=eta,
@@ -121,8 +153,34 @@ class Task:
             lease_seconds=lease_seconds,
             ignore_result=ignore_result,
             retry_backoff=retry_backoff,
+            unique_key=unique_key if unique_key is not None else self.unique_key_for(args, kwargs),
+            unique_for=unique_for if unique_for is not None else self.unique_for,
         )
         return self.app._enqueue(spec, connection)
+
+    def unique_key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> str | None:
+        """The unique key a job of this task gets from these arguments by default (None: not unique).
+
+        ``unique=True``: the task name and a SHA-256 of the JSON of ``[args, kwargs]`` (keys sorted), so
+        ``f(1, y=2)`` twice is one job, while ``f(1, 2)`` is another key than ``f(1, y=2)``.
+        ``unique_key=function``: what it returns for the call's arguments. ``unique_key="text"``: that.
+        """
+        if callable(self.unique_key):
+            try:
+                return self.unique_key(*args, **(kwargs or {}))
+            except Exception as exc:
+                raise EnqueueError(f"cannot enqueue {self.name}: its unique_key function raised "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(self.unique_key, str):
+            return self.unique_key
+        if not self.unique:
+            return None
+        try:
+            text = json.dumps([list(args), dict(kwargs or {})], sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):
+            return None  # build() refuses these arguments, with the message that names the culprit
+        return f"{self.name}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
     def _spec(self, **overrides: Any) -> enqueue.JobSpec:
         options = {
@@ -143,6 +201,14 @@ class Task:
     @property
     def request(self) -> Request:
         return _current_request.get()
+
+    def is_cancelled(self) -> bool:
+        """Inside a running task: True once its job's cancellation has reached this worker (on the worker's
+        next heartbeat after ``cancel()``). The worker also interrupts the task with
+        :class:`pgq.CancelRequested` then; check this where that cannot reach (between blocking calls),
+        or in ``finally`` to tell a cancellation apart. False outside a worker."""
+        event = _current_request.get().cancel_event
+        return event is not None and event.is_set()
 
     def retry(self, countdown: float | None = None, exc: BaseException | None = None) -> Retry:
         """End this attempt and schedule another after *countdown* seconds (default: the task's

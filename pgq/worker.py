@@ -26,13 +26,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from . import db, executor, maintenance, migrate, sql
-from .errors import DatabaseUnavailable, TaskTimeout
+from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
 from .recorder import Backoff, Recorder
 
@@ -53,6 +53,9 @@ class _Held:
     thread_id: int | None = None  # the thread running it
     timeout: float | None = None  # seconds it may run
     timed_out: bool = False  # its timeout outcome is recorded; whatever the thread returns is discarded
+    cancelled: bool = False  # its cancellation is recorded; likewise
+    finished: bool = False  # the task returned: too late to time out or cancel, its own outcome stands
+    cancel_event: threading.Event = field(default_factory=threading.Event)  # the task's is_cancelled()
 
 
 class Worker:
@@ -262,7 +265,8 @@ class Worker:
 
     def _dispatch(self, job: ClaimedJob) -> None:
         if self.pool == "solo":
-            self._execute(job)
+            with contextlib.suppress(TaskTimeout, CancelRequested):  # delivered just after the task returned
+                self._execute(job)
         else:
             self._ready.put(job)
 
@@ -292,9 +296,9 @@ class Worker:
             job = self._ready.get()
             if job is None:
                 return
-            with contextlib.suppress(TaskTimeout):  # delivered just after the task returned: nothing to undo
+            with contextlib.suppress(TaskTimeout, CancelRequested):  # delivered just after the task returned
                 self._execute(job)
-            if me in self._retired:  # a fresh runner took this one's place when its job timed out
+            if me in self._retired:  # a fresh runner took this one's place when its job timed out or was cancelled
                 return
 
     def _execute(self, job: ClaimedJob) -> None:
@@ -303,21 +307,28 @@ class Worker:
         started = time.monotonic()
         with self._held_lock:
             held = self._held.get(job.id)
-            if held is not None:
+            if held is not None and not held.cancelled:
                 held.started, held.thread_id, held.timeout = started, threading.get_ident(), timeout
+        if held is None or held.cancelled:  # cancelled, or lost, while it waited for a runner
+            log.info("job %d %s attempt %d/%d not started: %s", job.id, job.task_name, job.attempt, job.max_attempts,
+                     "lease lost" if held is None else "cancelled")
+            return
         if timeout:
             self.keeper.tick_by(started + timeout)
         log.info("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
-        outcome = executor.run(self.app.tasks, job, self.id)
+        outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
         elapsed_ms = (time.monotonic() - started) * 1000
         with self._held_lock:
             held = self._held.get(job.id)
-            late = held is None or held.timed_out
+            late = held is None or held.timed_out or held.cancelled
             if held is not None:
                 held.timeout = None  # finished: the watchdog leaves it alone
+                held.finished = True
         if late:
-            log.warning("job %d %s returned after %.1f ms, past its timeout: outcome discarded", job.id,
-                        job.task_name, elapsed_ms)
+            why = ("after its cancellation" if held is not None and held.cancelled else
+                   "past its timeout" if held is not None and held.timed_out else "after its attempt had ended")
+            log.warning("job %d %s returned after %.1f ms, %s: outcome discarded", job.id, job.task_name,
+                        elapsed_ms, why)
             return
         if isinstance(outcome, Succeeded):
             log.info("job %d %s succeeded in %.1f ms", job.id, job.task_name, elapsed_ms)
@@ -336,7 +347,7 @@ class Worker:
         """The monotonic time the first running job's timeout runs out."""
         with self._held_lock:
             deadlines = [h.started + h.timeout for h in self._held.values()
-                         if h.started is not None and h.timeout and not h.timed_out]
+                         if h.started is not None and h.timeout and not h.timed_out and not h.cancelled]
         return min(deadlines, default=None)
 
     def enforce_timeouts(self) -> int:
@@ -352,21 +363,56 @@ class Worker:
         expired: list[_Held] = []
         with self._held_lock:
             for held in self._held.values():
-                if held.started is not None and held.timeout and not held.timed_out \
+                if held.started is not None and held.timeout and not held.timed_out and not held.cancelled \
                         and now >= held.started + held.timeout:
                     held.timed_out = True
                     expired.append(held)
+                    self._interrupt(held, TaskTimeout)
         for held in expired:
             job = held.job
             log.error("job %d %s attempt %d/%d exceeded its timeout of %g s", job.id, job.task_name, job.attempt,
                       job.max_attempts, held.timeout)
-            self.recorder.put(job, executor.timed_out(job, held.timeout or 0))
-            if held.thread_id is not None:
-                interrupt(held.thread_id)
-                if self.pool == "threads" and not self._stopping.is_set():
-                    self._retired.add(held.thread_id)
-                    self._add_runner()
+            self.recorder.put(job, executor.timed_out(job, held.timeout or 0, self.app.tasks.get(job.task_name)))
         return len(expired)
+
+    def _interrupt(self, held: _Held, exc: type[BaseException]) -> None:
+        """Raise *exc* in the thread running *held*'s task, whose outcome is being recorded; with the thread
+        pool, a fresh runner takes the slot (the thread may be stuck in C, out of reach).
+
+        Called with _held_lock held, before _execute marks the task finished (under that lock): so the
+        exception lands in this task, or in _execute just after it, and never in the next job the thread
+        would take."""
+        if held.thread_id is not None:
+            interrupt(held.thread_id, exc)
+            if self.pool == "threads" and not self._stopping.is_set():
+                self._retired.add(held.thread_id)
+                self._add_runner()
+
+    # --- cancellation --------------------------------------------------------------------------
+
+    def cancel_requested(self, ids: Iterable[int]) -> int:
+        """The keeper's heartbeat found these held jobs' cancellation requested: end their attempts now.
+
+        As with a timeout, the job is recorded ``cancelled`` at once and the task is interrupted, with
+        CancelRequested; its ``is_cancelled()`` turns True first. A job still waiting for a runner never
+        starts. A task that already returned keeps its own outcome: the request came too late.
+        """
+        ended: list[_Held] = []
+        with self._held_lock:
+            for job_id in ids:
+                held = self._held.get(job_id)
+                if held is None or held.cancelled or held.timed_out or held.finished:
+                    continue
+                held.cancelled = True
+                held.cancel_event.set()
+                ended.append(held)
+                self._interrupt(held, CancelRequested)
+        for held in ended:
+            job = held.job
+            log.warning("job %d %s attempt %d/%d cancelled%s", job.id, job.task_name, job.attempt, job.max_attempts,
+                        "" if held.started is not None else " before it started")
+            self.recorder.put(job, executor.cancelled(job))
+        return len(ended)
 
     # --- recording outcomes (see pgq.recorder) ----------------------------------------------
 
@@ -454,7 +500,7 @@ class Worker:
                 self._held.pop(job.id, None)
 
 
-def interrupt(thread_id: int) -> bool:
-    """Raise TaskTimeout in the thread *thread_id* at its next Python bytecode."""
-    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(TaskTimeout))
+def interrupt(thread_id: int, exc: type[BaseException] = TaskTimeout) -> bool:
+    """Raise *exc* (TaskTimeout, CancelRequested) in the thread *thread_id* at its next Python bytecode."""
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
     return bool(done == 1)
