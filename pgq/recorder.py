@@ -62,7 +62,7 @@ class Recorder:
                 # held, and takes its finished job for a lost lease.
                 with self.worker.outcome_lock:
                     self._write(batch)
-                    self.worker._forget([job.id for job, _ in batch])
+                    self.worker._forget([job for job, _ in batch])
                 self._backoff.reset()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 self._close()

@@ -306,7 +306,7 @@ class Worker:
         timeout = (task.timeout if task is not None else None) or self.task_timeout
         started = time.monotonic()
         with self._held_lock:
-            held = self._held.get(job.id)
+            held = self._held_for(job)
             if held is not None and not held.cancelled:
                 held.started, held.thread_id, held.timeout = started, threading.get_ident(), timeout
         if held is None or held.cancelled:  # cancelled, or lost, while it waited for a runner
@@ -319,7 +319,7 @@ class Worker:
         outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
         elapsed_ms = (time.monotonic() - started) * 1000
         with self._held_lock:
-            held = self._held.get(job.id)
+            held = self._held_for(job)
             late = held is None or held.timed_out or held.cancelled
             if held is not None:
                 held.timeout = None  # finished: the watchdog leaves it alone
@@ -416,10 +416,17 @@ class Worker:
 
     # --- recording outcomes (see pgq.recorder) ----------------------------------------------
 
-    def _forget(self, ids: list[int]) -> None:
+    def _held_for(self, job: ClaimedJob) -> _Held | None:
+        """*job*'s entry, if it is still this attempt's: once an attempt's outcome is committed (a retry
+        due at once, a timeout), this worker may claim the next attempt before the old one is done."""
+        held = self._held.get(job.id)
+        return held if held is not None and held.job.attempt == job.attempt else None
+
+    def _forget(self, jobs: list[ClaimedJob]) -> None:
         with self._held_lock:
-            for job_id in ids:
-                self._held.pop(job_id, None)
+            for job in jobs:
+                if self._held_for(job) is not None:
+                    del self._held[job.id]
         self._wake.set()  # slots are free: claim more
 
     # --- listening -----------------------------------------------------------------------------

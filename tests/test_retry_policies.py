@@ -311,3 +311,27 @@ def test_pgq_retry_failed_in_bounded_batches(capp, conn, db_url):
         "requeued 17 failed or cancelled job(s) of control.plain",
         "left 1 alone: another job with the same unique key is waiting or running",
     ]
+
+
+def test_next_attempt_claimed_before_the_last_one_is_forgotten_stays_held(capp, conn):
+    """A retry due at once can be claimed by the same worker between the recorder's commit and its
+    forgetting the old attempt: forgetting attempt 1 must not drop attempt 2 (whose outcome would then
+    be discarded and the job left running until its lease expired)."""
+    handle = policy.delay(["TimeoutError"])
+    worker = capp.worker(concurrency=2)
+    try:
+        [first] = worker._claim(1)
+        outcome = executor.run(capp.tasks, first)
+        assert isinstance(outcome, RetryLater)
+        with worker.keeper._connection() as c:
+            worker.recorder.record(c, [(first, outcome)])  # committed: due again in 0.01 s
+        from tests.helpers import wait_for
+        [second] = wait_for(lambda: worker._claim(1), timeout=5, what="the retry to be claimable")
+        assert (second.id, second.attempt) == (handle.id, 2)
+        worker._forget([first])  # the recorder, late
+        assert [(t[0], t[1]) for t in worker.held_tokens()] == [(handle.id, 2)]
+        worker._execute(second)
+        [(recorded, result)] = [worker.recorder.outcomes.get_nowait()]
+        assert (recorded.attempt, result) == (2, Succeeded("2"))
+    finally:
+        worker._drop_claim_conn()
