@@ -48,15 +48,12 @@ def cancel(conn: psycopg.Connection, ids: Iterable[int]) -> dict[int, str | None
 
 
 def requeue(conn: psycopg.Connection, ids: Iterable[int]) -> dict[int, tuple[str | None, bool]]:
-    """Run failed or cancelled jobs again: each goes back to ``queued``, due now, with its attempts reset
-    (it gets its max_attempts again), its stored outcome deleted and its error history kept.
+    """Run failed or cancelled jobs again: each goes back to ``queued``, due now, with a fresh budget of
+    attempts (``max_attempts`` grows by it; ``attempts`` keeps counting, since it fences workers' writes),
+    its stored outcome deleted and its error history kept.
 
     Returns, for each id, its status afterwards and whether it was requeued. A job is left alone when it
     is not failed or cancelled, or when another job with its unique key is waiting or running.
-
-    Resetting attempts reuses the attempt numbers that fence workers' writes: a worker frozen past its
-    lease on attempt N of the earlier run could still write for attempt N of the new one (see
-    docs/job-control.md). Requeueing a job whose worker may be frozen rather than dead risks that.
     """
     job_ids = _unique_ids(ids)
     rows: list[Any] = []

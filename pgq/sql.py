@@ -303,20 +303,25 @@ LEFT JOIN changed AS c ON c.id = q.id
 LEFT JOIN pgq.jobs AS j ON j.id = q.id
 """
 
-# Retry failed or cancelled jobs by hand: due now, attempts reset to 0 so the job gets its max_attempts
-# again, its stored outcome deleted; the error history is kept, with a note of the reset. NOTIFY wakes
+# Retry failed or cancelled jobs by hand: due now, with a fresh budget of attempts, its stored outcome
+# deleted; the error history is kept, with a note. `attempts` is NOT reset: it is the fencing token of
+# workers' writes, and reusing attempt numbers would let a worker frozen on an old attempt write for the
+# new run. Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
+# already used when it was last retried by hand, which the previous ManualRetry entry records). NOTIFY wakes
 # the workers (identical notifications fold into one per queue). A job whose unique key another job
 # holds now is left alone. Returns each id with its status after this statement (NULL: no such job)
 # and whether this statement requeued it.
 REQUEUE = """
 WITH requeued AS (
     UPDATE pgq.jobs AS j
-    SET status = 'queued', attempts = 0, run_at = now(), finished_at = NULL, lease_expires_at = NULL,
+    SET status = 'queued', run_at = now(), finished_at = NULL, lease_expires_at = NULL,
         worker_id = NULL, cancel_requested_at = NULL,
+        max_attempts = j.attempts + greatest(1, j.max_attempts - coalesce(
+            (SELECT max((e->>'attempt')::int) FROM jsonb_array_elements(j.errors) AS e
+             WHERE e->>'type' = 'ManualRetry'), 0)),
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'type', 'ManualRetry',
-            'message', 'retried by hand after ' || j.attempts || ' attempt(s) ended ' || j.status
-                       || ': attempts reset to 0'))
+            'message', 'retried by hand after ' || j.attempts || ' attempt(s) ended ' || j.status))
     WHERE j.id = ANY(%(ids)s::bigint[]) AND j.status IN ('failed', 'cancelled')
       AND (j.unique_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM pgq.jobs AS o

@@ -208,7 +208,9 @@ def test_retry_a_failed_job_by_hand(capp, conn):
 
     assert capp.retry(handle.id) == "queued"
     row = job(conn, handle.id)
-    assert (row["status"], row["attempts"], row["finished_at"], row["worker_id"]) == ("queued", 0, None, None)
+    # attempts keep counting (they fence workers' writes); the budget grows instead
+    assert (row["status"], row["attempts"], row["max_attempts"], row["finished_at"], row["worker_id"]) == (
+        "queued", 2, 4, None, None)
     assert scalar(conn, "SELECT run_at <= now() FROM pgq.jobs WHERE id = %s", (handle.id,))
     assert scalar(conn, "SELECT count(*) FROM pgq.results WHERE job_id = %s", (handle.id,)) == 0
     assert handle.status == "queued" and handle.result is None
@@ -218,7 +220,7 @@ def test_retry_a_failed_job_by_hand(capp, conn):
     with capp.worker(concurrency=1, poll_interval=0.05).running():
         assert handle.get(timeout=10) == "a is on"
     row = job(conn, handle.id)
-    assert (row["status"], row["attempts"]) == ("succeeded", 1)  # attempt 1 of its max_attempts, again
+    assert (row["status"], row["attempts"]) == ("succeeded", 3)  # the first attempt of its fresh budget
     assert [t for _, t in _errors(conn, handle.id)] == ["RuntimeError", "RuntimeError", "ManualRetry"]
     assert capp.retry(handle.id) == "succeeded"  # only failed or cancelled jobs
     with pytest.raises(pgq.JobNotFound):
@@ -295,8 +297,9 @@ def test_pgq_retry_failed_in_bounded_batches(capp, conn, db_url):
     assert counts == {("control.plain", "a", "queued"): 2499, ("control.plain", "a", "failed"): 1,
                       ("control.plain", "b", "failed"): 10, ("control.plain", "a", "cancelled"): 7,
                       ("control.plain", "a", "succeeded"): 5, ("control.other", "a", "failed"): 3}
-    assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'queued' AND attempts = 0 "
-                        "AND finished_at IS NULL AND run_at <= now()") == 2499
+    # attempts stay at 3 (they fence workers' writes); max_attempts (3) grows by its budget of 3
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'queued' AND attempts = 3 "
+                        "AND max_attempts = 6 AND finished_at IS NULL AND run_at <= now()") == 2499
     assert scalar(conn, "SELECT count(*) FROM pgq.results") == 2500 + 10 + 7 + 3 - 2499
     # 1,000 per transaction: each batch's rows carry the id of the (sub)transaction that wrote them. (The
     # last batch, with the twins, fell back to one savepoint per job.)
