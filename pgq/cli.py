@@ -143,6 +143,9 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Wake on NOTIFY; --no-listen polls only (PgBouncer transaction mode) [env: PGQ_LISTEN=0]")
 @click.option("--rescue-interval", type=click.FloatRange(min=0.1), default=5.0, envvar="PGQ_RESCUE_INTERVAL",
               help="Seconds between sweeps for jobs whose lease expired [env: PGQ_RESCUE_INTERVAL]")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None, envvar="PGQ_PREFETCH",
+              help="Jobs claimed ahead of free runners, so short jobs never wait for a claim round trip "
+                   "[env: PGQ_PREFETCH; default: the concurrency]")
 @click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               envvar="PGQ_TASK_TIMEOUT",
               help="Seconds a job may run when its task sets no timeout of its own; the attempt then fails "
@@ -154,7 +157,8 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Log level (same as the global -l)")
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
-               shutdown_grace: float, listen: bool, rescue_interval: float, task_timeout: float | None,
+               shutdown_grace: float, listen: bool, rescue_interval: float, prefetch: int | None,
+               task_timeout: float | None,
                prepare: bool, loglevel: str | None, beat: bool = False) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
@@ -170,7 +174,7 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
     app = _app(ctx)
     worker = app.worker(queues=queues, concurrency=concurrency, pool=pool, poll_interval=poll_interval,
                         shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval,
-                        task_timeout=task_timeout)
+                        task_timeout=task_timeout, prefetch=prefetch)
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")

@@ -8,7 +8,6 @@ do the exceptions a task's retry policy discards (see :class:`pgq.retry.RetryPol
 
 from __future__ import annotations
 
-import inspect
 import threading
 import traceback as tb_module
 from collections.abc import Mapping
@@ -125,9 +124,9 @@ def _bind_call(task: Task, job: ClaimedJob) -> Any:
     args, kwargs = job.args, job.kwargs
     signature_args = [task, *args] if task.bind else args
     try:
-        inspect.signature(task.fn).bind(*signature_args, **kwargs)
+        task.signature.bind(*signature_args, **kwargs)
     except TypeError as exc:
-        raise NotRetryable(f"arguments do not match {job.task_name}{inspect.signature(task.fn)}: {exc}") from None
+        raise NotRetryable(f"arguments do not match {job.task_name}{task.signature}: {exc}") from None
     except ValueError:  # no signature to check (some builtins): let the call itself decide
         pass
     return lambda: task(*args, **kwargs)

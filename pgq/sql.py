@@ -59,13 +59,24 @@ SELECT id, false FROM existing WHERE id IS NOT NULL
 # mean what it says: as an `IN (subquery)` the locking subquery may be re-run and claim more rows.
 # SKIP LOCKED lets concurrent workers pass each other instead of queueing on the same rows. Each claim
 # increments `attempts`, which is the fencing token of everything this attempt writes later.
+#
+# One LATERAL subquery per queue: with `queue = ANY(…)` the planner could not walk jobs_claim_idx in
+# order and sorted the whole backlog on every claim (4.4-5.5 ms per claim at 20,000 waiting jobs;
+# 0.1 ms this way, whatever the backlog). Each queue locks at most `limit` rows; rows the outer LIMIT
+# drops are unlocked when the statement's transaction ends, a moment later.
 CLAIM = """
 WITH picked AS (
-    SELECT id FROM pgq.jobs
-    WHERE status IN ('queued', 'retrying') AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at FROM pgq.jobs AS j
+        WHERE j.status IN ('queued', 'retrying') AND j.queue = q.name AND j.run_at <= now()
+        ORDER BY j.priority DESC, j.run_at, j.id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority DESC, c.run_at, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE pgq.jobs AS j
 SET status = 'running', attempts = j.attempts + 1, worker_id = %(worker_id)s, started_at = now(),

