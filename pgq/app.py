@@ -72,22 +72,42 @@ class App:
         with pool.connection() as conn:
             yield conn
 
-    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """Run *work* in a transaction on pgq's own pool, committed when it returns.
+    def run(self, work: Callable[[psycopg.Connection], T], *, transaction: bool = False,
+            idempotent: bool = False) -> T:
+        """Run *work* on pgq's own pool and commit it before returning.
 
-        Pooled connections can be dead without the pool knowing (the server restarted, backends
-        were terminated); checking each one before use would cost a round trip per enqueue. So
-        when *work* fails on a dead connection (before commit: the transaction cannot have
-        happened) the pool drops all its dead connections and *work* runs once more. A failure at
-        commit is not retried, since the commit may have happened.
+        By default the connection is in autocommit mode: a single statement (an enqueue) costs one
+        round trip instead of three (BEGIN, INSERT, COMMIT: 1,500 enqueues/s from one thread here,
+        against about 2,400 in autocommit). ``transaction=True`` wraps several statements in one.
+
+        Pooled connections can be dead without the pool knowing (the server restarted, backends were
+        terminated); checking each one before use would cost a round trip per enqueue. So when *work*
+        fails on a dead connection, the pool drops its dead connections and *work* runs once more —
+        but only when it cannot have taken effect: *idempotent* work (a read) always; a transaction
+        that failed before its COMMIT; a single autocommit statement only when the server said it
+        was shutting the session down (SQLSTATE class 57P) or the connection was closed before the
+        statement was sent. Anything else is raised: the statement may have been executed.
         """
         for attempt in (1, 2):
             with self.connection() as conn:
+                retry_safe = False
+                conn.autocommit = True
                 try:
-                    return work(conn)
-                except psycopg.OperationalError:
-                    if attempt == 2 or not conn.broken:
+                    if not transaction:
+                        return work(conn)
+                    with conn.transaction():
+                        try:
+                            return work(conn)
+                        except psycopg.OperationalError:
+                            retry_safe = True  # failed before COMMIT was sent
+                            raise
+                except psycopg.OperationalError as exc:
+                    retry_safe = retry_safe or idempotent or _not_executed(exc)
+                    if attempt == 2 or not conn.broken or not retry_safe:
                         raise
+                finally:
+                    if not conn.closed:
+                        conn.autocommit = False  # app.connection() hands out transactional connections
             if self._pool is not None:
                 self._pool.check()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -169,7 +189,8 @@ class App:
         if connection is not None:
             job_id, inserted = enqueue.write(connection, spec)
         else:
-            job_id, inserted = self.run(lambda conn: enqueue.write(conn, spec))
+            job_id, inserted = self.run(lambda conn: enqueue.write(conn, spec),
+                                        transaction=spec.unique_key is not None)
         handle = AsyncResult(self, job_id)
         handle.deduplicated = not inserted
         return handle
@@ -187,7 +208,7 @@ class App:
         ``running`` if it is running: its worker learns of the request on its next heartbeat, records
         the job ``cancelled`` and interrupts the task (unless the task finished first: then its own
         outcome stands); or its final status, unchanged, if it had finished. Raises JobNotFound."""
-        status = self.run(lambda conn: control.cancel(conn, [job_id]))[int(job_id)]
+        status = self.run(lambda conn: control.cancel(conn, [job_id]), transaction=True)[int(job_id)]
         if status is None:
             raise JobNotFound(f"no job with id {job_id}")
         return status
@@ -197,7 +218,7 @@ class App:
         gets its max_attempts again), its stored outcome deleted, its error history kept. Returns its
         status afterwards: ``queued``, or its status unchanged when it was not failed or cancelled (or
         another job holds its unique key). Raises JobNotFound."""
-        status, _ = self.run(lambda conn: control.requeue(conn, [job_id]))[int(job_id)]
+        status, _ = self.run(lambda conn: control.requeue(conn, [job_id]), transaction=True)[int(job_id)]
         if status is None:
             raise JobNotFound(f"no job with id {job_id}")
         return status
@@ -244,3 +265,10 @@ class App:
         from .worker import Worker
 
         return Worker(self, **settings)
+
+
+def _not_executed(exc: psycopg.OperationalError) -> bool:
+    """The server refused the statement because the session was being shut down (an administrator
+    terminated it, or the server is restarting), or psycopg never sent it."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate.startswith("57P") or "the connection is closed" in str(exc)

@@ -36,7 +36,8 @@ class AsyncResult:
         return hash(self.id)
 
     def _fetch(self) -> tuple[Any, ...] | None:
-        return self.app.run(lambda conn: conn.execute(sql.FETCH_RESULT, {"id": self.id}).fetchone())
+        return self.app.run(lambda conn: conn.execute(sql.FETCH_RESULT, {"id": self.id}).fetchone(),
+                            idempotent=True)
 
     @property
     def status(self) -> str:
