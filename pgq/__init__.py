@@ -18,7 +18,7 @@ from .errors import (
 from .result import AsyncResult
 from .retry import Backoff
 from .states import JobStatus
-from .tasks import Request, Task
+from .tasks import Request, Signature, Task
 from .worker import Worker
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Request",
     "Retry",
     "SerializationError",
+    "Signature",
     "Task",
     "TaskCancelled",
     "TaskFailed",

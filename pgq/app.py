@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -12,9 +12,9 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import control, db, embedded, enqueue, migrate
-from .errors import JobNotFound
+from .errors import EnqueueError, JobNotFound
 from .result import AsyncResult
-from .tasks import Task
+from .tasks import Signature, Task
 
 if TYPE_CHECKING:
     from .periodic import Schedule, Scheduler
@@ -194,6 +194,34 @@ class App:
         handle = AsyncResult(self, job_id)
         handle.deduplicated = not inserted
         return handle
+
+    def enqueue_many(self, jobs: Iterable[Signature], *, connection: Any = None) -> list[AsyncResult]:
+        """Enqueue many jobs at once: ``app.enqueue_many(add.s(i, i) for i in range(10_000))``.
+
+        One INSERT per 5,000 jobs instead of one round trip each, in one transaction (the caller's with
+        ``connection=``): all of them exist, or none. Every job is validated before anything is
+        written. Options (``add.s(1, 2).set(queue="x", countdown=5)``) are validated once per distinct
+        set. Unique jobs are refused here: their deduplication needs a statement per job, so use
+        apply_async for them. Returns the handles in the order given.
+        """
+        bases: dict[tuple[str, tuple[tuple[str, Any], ...]], enqueue.JobSpec] = {}
+        specs: list[enqueue.JobSpec] = []
+        for sig in jobs:
+            key = (sig.task.name, tuple(sorted(sig.options.items())))
+            base = bases.get(key)
+            if base is None:
+                task = sig.task
+                if task.unique or task.unique_key is not None or "unique_key" in sig.options:
+                    raise EnqueueError(f"cannot enqueue {task.name} in bulk: it is a unique job; use apply_async")
+                base = bases[key] = task._spec(**sig.options)
+            specs.append(enqueue.with_arguments(base, sig.args, sig.kwargs))
+        if not specs:
+            return []
+        if connection is not None:
+            ids = enqueue.insert_many(connection, specs)
+        else:
+            ids = self.run(lambda conn: enqueue.insert_many(conn, specs), transaction=True)
+        return [AsyncResult(self, job_id) for job_id in ids]
 
     def result(self, job_id: int) -> AsyncResult:
         """A handle for a job whose id you know (Celery's ``AsyncResult(id)``)."""

@@ -7,7 +7,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -154,6 +154,50 @@ def build(
         unique_key=unique_key,
         unique_for=unique_seconds,
     )
+
+
+def with_arguments(base: JobSpec, args: Any, kwargs: Any) -> JobSpec:
+    """*base* (options already validated) with these arguments: the per-job part of a bulk enqueue."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise EnqueueError(f"cannot enqueue {base.task_name}: args must be a list or tuple, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise EnqueueError(f"cannot enqueue {base.task_name}: kwargs must be a dict with string keys")
+    args_json = serialization.dumps(list(args), what=f"an argument of {base.task_name}")
+    kwargs_json = serialization.dumps(dict(kwargs), what=f"a keyword argument of {base.task_name}")
+    size = len(args_json) + len(kwargs_json)  # characters: a lower bound of the bytes, exact for ASCII
+    if size > max_payload_bytes() or len(args_json.encode()) + len(kwargs_json.encode()) > max_payload_bytes():
+        raise EnqueueError(f"cannot enqueue {base.task_name}: arguments are over the limit of "
+                           f"{max_payload_bytes()} bytes as JSON")
+    return replace(base, args=args_json, kwargs=kwargs_json)
+
+
+#: Jobs per INSERT in a bulk enqueue: large enough to amortize the round trip, small enough that one
+#: statement's arrays stay a few MB.
+BULK_CHUNK = 5000
+
+
+def insert_many(connection: Any, specs: Sequence[JobSpec]) -> list[int]:
+    """Insert *specs* (no unique keys) with one statement per BULK_CHUNK jobs, inside the caller's
+    transaction; returns the ids in the order of *specs*."""
+    ids: list[int] = []
+    for start in range(0, len(specs), BULK_CHUNK):
+        chunk = specs[start:start + BULK_CHUNK]
+        params = {
+            "queue": [s.queue for s in chunk],
+            "task_name": [s.task_name for s in chunk],
+            "args": [s.args for s in chunk],
+            "kwargs": [s.kwargs for s in chunk],
+            "priority": [s.priority for s in chunk],
+            "max_attempts": [s.max_attempts for s in chunk],
+            "retry_backoff": [s.retry_backoff for s in chunk],
+            "lease_seconds": [s.lease_seconds for s in chunk],
+            "ignore_result": [s.ignore_result for s in chunk],
+            "eta": [None if s.eta is None else s.eta.isoformat() for s in chunk],
+            "countdown": [s.countdown for s in chunk],
+        }
+        ids.extend(row[0] for row in execute(connection, sql.ENQUEUE_MANY, params))
+    return ids
 
 
 def unique_key_problem(key: Any) -> str | None:

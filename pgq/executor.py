@@ -124,9 +124,9 @@ def _bind_call(task: Task, job: ClaimedJob) -> Any:
     args, kwargs = job.args, job.kwargs
     signature_args = [task, *args] if task.bind else args
     try:
-        task.signature.bind(*signature_args, **kwargs)
+        task.call_signature.bind(*signature_args, **kwargs)
     except TypeError as exc:
-        raise NotRetryable(f"arguments do not match {job.task_name}{task.signature}: {exc}") from None
+        raise NotRetryable(f"arguments do not match {job.task_name}{task.call_signature}: {exc}") from None
     except ValueError:  # no signature to check (some builtins): let the call itself decide
         pass
     return lambda: task(*args, **kwargs)

@@ -19,6 +19,23 @@ VALUES (%(queue)s, %(task_name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority
 RETURNING id
 """
 
+# Enqueue many jobs in one statement: one array per column, unnested in order, so the ids come back in
+# the order of the input (identity values are taken row by row). One NOTIFY per queue, by the trigger.
+ENQUEUE_MANY = """
+INSERT INTO pgq.jobs (queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
+                      lease_seconds, ignore_result, run_at)
+SELECT t.queue, t.task_name, t.args::jsonb, t.kwargs::jsonb, t.priority, t.max_attempts, t.retry_backoff,
+       t.lease_seconds, t.ignore_result,
+       COALESCE(t.eta::timestamptz, now() + make_interval(secs => COALESCE(t.countdown, 0)))
+FROM unnest(%(queue)s::text[], %(task_name)s::text[], %(args)s::text[], %(kwargs)s::text[],
+            %(priority)s::smallint[], %(max_attempts)s::int[], %(retry_backoff)s::float8[],
+            %(lease_seconds)s::int[], %(ignore_result)s::bool[], %(eta)s::text[], %(countdown)s::float8[])
+     WITH ORDINALITY AS t(queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
+                          lease_seconds, ignore_result, eta, countdown, n)
+ORDER BY t.n
+RETURNING id
+"""
+
 # Enqueue with unique_for: one producer at a time per key, until its transaction ends (see enqueue.write).
 # A separate statement, so that the ENQUEUE_UNIQUE after it takes its snapshot once the lock is held.
 UNIQUE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('pgq.unique:' || %(unique_key)s, 0))"

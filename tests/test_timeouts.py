@@ -33,7 +33,7 @@ def test_runaway_python_is_interrupted_and_retried_then_failed(fapp, conn):
     assert info.value.type_name == "TaskTimeout"
     errors = scalar(conn, "SELECT errors FROM pgq.jobs WHERE id = %s", (spinning.id,))
     assert [e["type"] for e in errors] == ["TaskTimeout", "TaskTimeout"]
-    assert fault_apps.INTERRUPTED == [spinning.id, spinning.id]
+    assert [spinning.id, spinning.id] == fault_apps.INTERRUPTED
 
 
 def test_worker_default_timeout_abandons_blocking_code_and_keeps_capacity(fapp, conn, db_url):
