@@ -61,7 +61,8 @@ def roles(conn, db_url):
     urls = {}
     for kind, name in names.items():
         conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'secret-pw'").format(psycopg.sql.Identifier(name)))
-        result = CliRunner().invoke(main, ["--database-url", db_url, "grants", "--role", name, "--kind", kind, "--apply"])
+        args = ["--database-url", db_url, "grants", "--role", name, "--kind", kind, "--apply"]
+        result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         urls[kind] = make_conninfo(db_url, user=name, password="secret-pw")
     yield urls
