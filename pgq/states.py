@@ -10,7 +10,7 @@
                         │ retrying if it had failed before), the attempt not counted
                         └─cancel() requested, seen on the worker's heartbeat ─▶ cancelled
     queued / retrying ──cancel()──▶ cancelled
-    failed / cancelled ──retried by hand (app.retry, pgq retry)──▶ queued, attempts reset
+    failed / cancelled ──retried by hand (app.retry, pgq retry)──▶ queued, with a fresh budget of attempts
 
 A running job whose cancellation was requested never waits again: where it would go back to retrying
 or queued (raised, lease expired, shut down) it ends cancelled instead. The values are plain lowercase
