@@ -459,7 +459,8 @@ class Worker:
                     backoff.reset()
                     self._wake.set()  # anything enqueued while we were not listening is due now
                     while not self._stopping.is_set():
-                        for notify in conn.notifies(timeout=1.0):
+                        # A short timeout: the stop flag is checked 4 times a second (no query, no wake).
+                        for notify in conn.notifies(timeout=0.25):
                             if notify.payload in wanted:
                                 self._wake.set()
                             if self._stopping.is_set():
@@ -495,13 +496,12 @@ class Worker:
                 runner.join(timeout=0.1)
 
         # 3. Record every outcome we have, then stop the other threads.
-        #    The listener is not waited for: it notices the stop within a second on its own.
         self.recorder.done.set()
         self.keeper.stop()
         for thread in self._threads:
             if thread.name == "pgq-recorder":
                 thread.join(timeout=None if not self._hurry.is_set() else 2.0)
-            elif thread.name == "pgq-keeper":
+            else:  # the keeper, and the listener, which sees the stop within 0.25 s
                 thread.join(timeout=2.0)
 
         # 4. What still runs is abandoned: hand it back as a failed attempt (or leave it to lease expiry
