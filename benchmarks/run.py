@@ -504,16 +504,9 @@ def wakeup(url: str, plan: Plan, logdir: Path) -> list[Row]:
 
 
 def _enqueue_many_forms(task: pgq.Task) -> list[tuple[str, Callable[[int], Any]]]:
-    """Plausible spellings of ``App.enqueue_many`` (it is being added; its signature is not known here)."""
-    many = tasks.app.enqueue_many  # type: ignore[attr-defined]
-    return [
-        ("app.enqueue_many(task, [args, ...])", lambda n: many(task, [() for _ in range(n)])),
-        ("app.enqueue_many([(task, args, kwargs), ...])", lambda n: many([(task, (), {}) for _ in range(n)])),
-        ("app.enqueue_many([(task_name, args, kwargs), ...])",
-         lambda n: many([(task.name, (), {}) for _ in range(n)])),
-        ("app.enqueue_many([{'task': task, 'args': [], 'kwargs': {}}, ...])",
-         lambda n: many([{"task": task, "args": [], "kwargs": {}} for _ in range(n)])),
-    ]
+    """How this pgq spells a bulk enqueue."""
+    many = tasks.app.enqueue_many
+    return [("app.enqueue_many(task.s() for ...)", lambda n: many(task.s() for _ in range(n)))]
 
 
 def _count_jobs(url: str) -> int:
