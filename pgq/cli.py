@@ -145,7 +145,7 @@ def migrate_cmd(ctx: click.Context) -> None:
               help="Seconds between sweeps for jobs whose lease expired [env: PGQ_RESCUE_INTERVAL]")
 @click.option("--prefetch", type=click.IntRange(min=0), default=None, envvar="PGQ_PREFETCH",
               help="Jobs claimed ahead of free runners, so short jobs never wait for a claim round trip "
-                   "[env: PGQ_PREFETCH; default: the concurrency]")
+                   "[env: PGQ_PREFETCH; default: adaptive, about 20 ms of work per runner]")
 @click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               envvar="PGQ_TASK_TIMEOUT",
               help="Seconds a job may run when its task sets no timeout of its own; the attempt then fails "

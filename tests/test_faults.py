@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
 import pgq
@@ -36,6 +37,7 @@ class Fleet:
         self.db_url, self.args, self.env = db_url, args, env
         self.workers = [self._spawn() for _ in range(size)]
         self.kills = 0
+        self.killed_at: dict[int, object] = {}  # pid -> database time just after the process was gone
         self.outputs: list[str] = []
 
     def _spawn(self) -> WorkerProcess:
@@ -43,7 +45,9 @@ class Fleet:
 
     def kill_one(self) -> None:
         victim = random.choice(self.workers)
-        victim.kill()
+        victim.kill()  # returns once the process has exited
+        with psycopg.connect(self.db_url) as c:
+            self.killed_at[victim.pid] = c.execute("SELECT clock_timestamp()").fetchone()[0]
         self.kills += 1
         self.outputs.append(victim.stop())
         self.workers[self.workers.index(victim)] = self._spawn()
@@ -71,8 +75,8 @@ def _succeeded(conn) -> int:
     return scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'")
 
 
-def _assert_exactly_once(conn, ids: list[int]) -> dict[str, int]:
-    """Every job succeeded, has one result, and its executions never overlapped while a lease held."""
+def _assert_exactly_once(conn, ids: list[int], killed_at: dict[int, object] | None = None) -> dict[str, int]:
+    """Every job succeeded, has one result, and no two executions of one job ever overlapped."""
     statuses = dict(conn.execute("SELECT status, count(*) FROM pgq.jobs GROUP BY status").fetchall())
     assert statuses == {"succeeded": len(ids)}, statuses
     assert scalar(conn, "SELECT count(*) FROM pgq.results WHERE status = 'succeeded'") == len(ids)
@@ -83,17 +87,18 @@ def _assert_exactly_once(conn, ids: list[int]) -> dict[str, int]:
                                 "HAVING count(*) > 1").fetchall()
     assert same_attempt == [], f"one attempt ran twice: {same_attempt}"
     # Two executions of one job overlap when the later started before the earlier ended. An execution
-    # whose worker was killed never records its end: pgq says its lease expired (jobs.errors), and the
-    # next attempt must come no sooner than that lease (2 s, less the claim-to-start gap) allows.
+    # whose worker was SIGKILLed never records its end: the next one must start after the kill (its
+    # process was gone), which pgq allows only once the lease expired. Executions that never ended
+    # for another reason raised (their connection was terminated): the next attempt was claimed only
+    # after that failure was recorded.
+    killed_at = killed_at or {}
     overlaps = conn.execute("""
-        SELECT a.job_id, a.attempt, b.attempt, a.started_at, a.ended_at, b.started_at
+        SELECT a.job_id, a.attempt, b.attempt, a.pid, a.started_at, a.ended_at, k.killed_at, b.started_at
         FROM fault_runs a JOIN fault_runs b ON a.job_id = b.job_id AND a.attempt < b.attempt
+        LEFT JOIN unnest(%s::int[], %s::timestamptz[]) AS k(pid, killed_at) ON k.pid = a.pid
         WHERE (a.ended_at IS NOT NULL AND b.started_at < a.ended_at)
-           OR (a.ended_at IS NULL AND b.started_at < a.started_at + interval '1.5 seconds'
-               AND EXISTS (SELECT 1 FROM pgq.jobs j, jsonb_array_elements(j.errors) e
-                           WHERE j.id = a.job_id AND (e->>'attempt')::int = a.attempt
-                             AND e->>'type' = 'LeaseExpired'))
-    """).fetchall()
+           OR (a.ended_at IS NULL AND k.killed_at IS NOT NULL AND b.started_at < k.killed_at)
+    """, (list(killed_at), list(killed_at.values()))).fetchall()
     assert overlaps == [], f"executions overlapped while a lease was valid: {overlaps[:10]}"
     runs = scalar(conn, "SELECT count(*) FROM fault_runs")
     return {"jobs": len(ids), "executions": runs, "re_executions": runs - len(ids)}
@@ -112,7 +117,7 @@ def test_sigkill_at_random_moments_loses_nothing(fapp, conn, db_url):
         wait_for(lambda: _succeeded(conn) == len(ids), timeout=90, interval=0.2, what="every job to succeed")
     finally:
         fleet.stop()
-    counts = _assert_exactly_once(conn, ids)
+    counts = _assert_exactly_once(conn, ids, fleet.killed_at)
     print(f"\nSIGKILL chaos: {counts}, kills={fleet.kills}")
     assert fleet.kills >= 5
 
