@@ -63,14 +63,27 @@ class App:
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
         """A connection from pgq's own small pool; its transaction commits when the block exits."""
+        with self._pooled() as conn:
+            conn.autocommit = False
+            try:
+                yield conn
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.commit()
+            finally:
+                if not conn.closed:
+                    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        conn.rollback()
+                    conn.autocommit = True  # how pgq's own statements use the pool
+
+    def _pooled(self) -> Any:
+        """pgq's pool of autocommit connections, opened on first use."""
         pool = self._pool
         if pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = self._open_pool()
                 pool = self._pool
-        with pool.connection() as conn:
-            yield conn
+        return pool.connection()
 
     def run(self, work: Callable[[psycopg.Connection], T], *, transaction: bool = False,
             idempotent: bool = False) -> T:
@@ -89,9 +102,8 @@ class App:
         statement was sent. Anything else is raised: the statement may have been executed.
         """
         for attempt in (1, 2):
-            with self.connection() as conn:
+            with self._pooled() as conn:
                 retry_safe = False
-                conn.autocommit = True
                 try:
                     if not transaction:
                         return work(conn)
@@ -105,9 +117,7 @@ class App:
                     retry_safe = retry_safe or idempotent or _not_executed(exc)
                     if attempt == 2 or not conn.broken or not retry_safe:
                         raise
-                finally:
-                    if not conn.closed:
-                        conn.autocommit = False  # app.connection() hands out transactional connections
+
             if self._pool is not None:
                 self._pool.check()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -121,7 +131,8 @@ class App:
             url,
             min_size=1,
             max_size=self._pool_size,
-            kwargs={"application_name": "pgq-client", "prepare_threshold": db.prepare_threshold()},
+            kwargs={"application_name": "pgq-client", "prepare_threshold": db.prepare_threshold(),
+                    "autocommit": True},
             open=True,
             name="pgq-client",
         )
