@@ -519,6 +519,12 @@ class Scheduler:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except psycopg.Error as exc:  # not an outage (a missing grant…): loud, but keep scheduling
+                log.error("scheduler failed: %s: %s; retrying in %.1f s", type(exc).__name__, _one_line(exc), delay)
+                self._close()
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
             self._stop.wait(self.sleep_time())
 
     def start(self) -> threading.Thread:
