@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import control, db, embedded, enqueue, migrate
+from . import control, db, embedded, enqueue, limits, migrate
 from .errors import EnqueueError, JobNotFound
 from .result import AsyncResult
 from .tasks import Signature, Task
@@ -39,6 +39,7 @@ class App:
         self._lock = threading.RLock()
         self.tasks: dict[str, Task] = {}
         self.schedules: dict[str, Schedule] = {}  # periodic schedules by name (see add_periodic)
+        self.queues: dict[str, limits.Limit] = {}  # queue limits by queue name (see queue())
 
     def __repr__(self) -> str:
         return f"<pgq.App tasks={len(self.tasks)}>"
@@ -166,7 +167,10 @@ class App:
         (higher runs first), ``bind`` (pass the task as ``self``), ``ignore_result``, ``timeout`` (seconds
         an attempt may run; see :meth:`pgq.Worker.enforce_timeouts`); unique jobs: ``unique=True`` (key from
         the arguments), ``unique_key`` (a string, or a function of the arguments), ``unique_for``; retry
-        policy: ``retry_on``, ``discard_on``, ``autoretry_for`` (see :class:`pgq.retry.RetryPolicy`).
+        policy: ``retry_on``, ``discard_on``, ``autoretry_for`` (see :class:`pgq.retry.RetryPolicy`); limits
+        (docs/limits.md): ``rate_limit`` (``"100/m"``; global across workers), ``rate_burst``,
+        ``concurrency_key`` (a string, or a function of the arguments) and ``key_concurrency`` (at most that
+        many running jobs per key; default 1).
         """
 
         def register(func: Callable[..., Any]) -> Task:
@@ -178,6 +182,26 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def queue(self, name: str, *, concurrency: int | None = None, rate_limit: str | float | None = None,
+              rate_burst: float | None = None) -> limits.Limit:
+        """Limit a queue, across every worker on every machine: ``concurrency`` (at most that many of its
+        jobs running at once), ``rate_limit`` (``"10/s"``, ``"100/m"``, ``"1000/h"``: claims per unit of
+        time, a token bucket of ``rate_burst`` tokens, default 1). Workers write the app's limits to the
+        database when they start (:meth:`declare_limits` does it by hand). See docs/limits.md."""
+        limit = limits.queue_limit(name, concurrency, rate_limit, rate_burst)
+        if name in self.queues and self.queues[name] != limit:
+            raise ValueError(f"queue {name!r} is already declared with other limits ({self.queues[name].describe()})")
+        self.queues[name] = limit
+        return limit
+
+    def declare_limits(self) -> list[str]:
+        """Write this app's queue and task limits to the database now (workers do it when they start).
+        Do it before enqueueing jobs of a newly limited task (deploy scripts): the jobs already waiting
+        are marked then, but a job enqueued in that very instant may escape a new task limit once.
+        Returns the limits written (unchanged ones are left alone)."""
+        wanted = limits.declared(self)
+        return self.run(lambda conn: limits.declare(conn, wanted))
 
     def send_task(
         self,
@@ -224,8 +248,17 @@ class App:
                 task = sig.task
                 if task.unique or task.unique_key is not None or "unique_key" in sig.options:
                     raise EnqueueError(f"cannot enqueue {task.name} in bulk: it is a unique job; use apply_async")
-                base = bases[key] = task._spec(**sig.options)
-            specs.append(enqueue.with_arguments(base, sig.args, sig.kwargs))
+                options = dict(sig.options)
+                if callable(task.concurrency_key) and options.get("concurrency_key") is None:
+                    options.pop("key_concurrency", None)  # goes with the key each job computes, below
+                base = bases[key] = task._spec(**options)
+            spec = enqueue.with_arguments(base, sig.args, sig.kwargs)
+            if callable(sig.task.concurrency_key) and sig.options.get("concurrency_key") is None:
+                key = sig.task.concurrency_key_for(sig.args, sig.kwargs)
+                if key is not None:
+                    spec = enqueue.with_concurrency_key(spec, key, sig.options.get("key_concurrency")
+                                                        or sig.task.key_concurrency)
+            specs.append(spec)
         if not specs:
             return []
         if connection is not None:

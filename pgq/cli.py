@@ -229,6 +229,42 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                    f"last heartbeat {w[6].total_seconds():.1f} s ago" + ("" if _alive(w[6]) else "  STALE"))
 
 
+@main.command("limits")
+@click.option("--keys", "with_keys", is_flag=True, help="Also list the concurrency keys claimed in the last hour")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def limits_cmd(ctx: click.Context, with_keys: bool, as_json: bool) -> None:
+    """Limits in the database: each queue's and task's concurrency and rate, the jobs running under it,
+    and the tokens its bucket holds now. Workers write their app's limits when they start; see
+    docs/limits.md."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        rows = conn.execute(sql.LIMITS_LIST, {"with_keys": with_keys}).fetchall()
+    entries = [{"limit": key, "concurrency": concurrency, "running": running, "rate_per_second": rate,
+                "burst": burst if rate is not None else None, "tokens": tokens}
+               for key, concurrency, running, rate, burst, tokens, _ in rows]
+    if as_json:
+        click.echo(json.dumps({"limits": entries}, indent=2))
+        return
+    if not entries:
+        click.echo("(no limits: declare them with app.queue(..., concurrency=, rate_limit=) or "
+                   "@app.task(rate_limit=), and start a worker)")
+        return
+    header = ["limit", "concurrency", "running", "rate", "burst", "tokens"]
+    table = [[e["limit"], _or_dash(e["concurrency"]), _or_dash(e["running"]),
+              "-" if e["rate_per_second"] is None else f"{e['rate_per_second']:g}/s",
+              _or_dash(e["burst"]), "-" if e["tokens"] is None else f"{e['tokens']:.2f}"] for e in entries]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        pairs = enumerate(zip(row, widths, strict=True))
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs))
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 #: A worker heartbeats at least every 10 s; one silent for longer than this is dead or stuck.
 STALE_WORKER = timedelta(seconds=30)
 

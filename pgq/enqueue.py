@@ -47,6 +47,8 @@ class JobSpec:
     countdown: float | None
     unique_key: str | None = None  # while a job with this key waits or runs, enqueueing returns that job
     unique_for: float | None = None  # seconds a finished job keeps its key taken (None: only while unfinished)
+    concurrency_key: str | None = None  # at most key_concurrency running jobs with this key (see pgq.limits)
+    key_concurrency: int | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,8 @@ class JobSpec:
             "countdown": self.countdown,
             "unique_key": self.unique_key,
             "unique_for": self.unique_for,
+            "concurrency_key": self.concurrency_key,
+            "key_concurrency": self.key_concurrency,
         }
 
 
@@ -81,6 +85,8 @@ def build(
     countdown: Any = None,
     unique_key: Any = None,
     unique_for: Any = None,
+    concurrency_key: Any = None,
+    key_concurrency: Any = None,
 ) -> JobSpec:
     """Validate everything about a job; raise EnqueueError naming the task and the problem."""
     if not isinstance(task_name, str) or not task_name.strip():
@@ -138,6 +144,10 @@ def build(
     if unique_seconds is not None and unique_key is None:
         raise refuse("unique_for needs a unique key: pass unique_key=, or register the task with unique=True or "
                      "unique_key=")
+    try:
+        key_limit = concurrency_limit(concurrency_key, key_concurrency)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
 
     return JobSpec(
         task_name=task_name,
@@ -153,6 +163,8 @@ def build(
         countdown=None if countdown is None else float(countdown),
         unique_key=unique_key,
         unique_for=unique_seconds,
+        concurrency_key=concurrency_key,
+        key_concurrency=key_limit,
     )
 
 
@@ -170,6 +182,31 @@ def with_arguments(base: JobSpec, args: Any, kwargs: Any) -> JobSpec:
         raise EnqueueError(f"cannot enqueue {base.task_name}: arguments are over the limit of "
                            f"{max_payload_bytes()} bytes as JSON")
     return replace(base, args=args_json, kwargs=kwargs_json)
+
+
+def concurrency_limit(concurrency_key: Any, key_concurrency: Any) -> int | None:
+    """The key_concurrency a job with *concurrency_key* gets (1 unless given), None without a key;
+    ValueError when either is wrong."""
+    from .limits import check_concurrency
+
+    if concurrency_key is None:
+        if key_concurrency is not None:
+            raise ValueError("key_concurrency needs a concurrency_key (pass concurrency_key=, or give the task one)")
+        return None
+    problem = text_key_problem(concurrency_key, "concurrency_key")
+    if problem:
+        raise ValueError(problem)
+    return 1 if key_concurrency is None else check_concurrency(key_concurrency, "key_concurrency")
+
+
+def with_concurrency_key(spec: JobSpec, concurrency_key: Any, key_concurrency: Any) -> JobSpec:
+    """*spec* (validated) with this concurrency key: the per-job part of a bulk enqueue whose task computes
+    its key from the arguments."""
+    try:
+        limit = concurrency_limit(concurrency_key, key_concurrency)
+    except ValueError as exc:
+        raise EnqueueError(f"cannot enqueue {spec.task_name}: {exc}") from None
+    return replace(spec, concurrency_key=concurrency_key, key_concurrency=limit)
 
 
 #: Jobs per INSERT in a bulk enqueue: large enough to amortize the round trip, small enough that one
@@ -195,6 +232,8 @@ def insert_many(connection: Any, specs: Sequence[JobSpec]) -> list[int]:
             "ignore_result": [s.ignore_result for s in chunk],
             "eta": [None if s.eta is None else s.eta.isoformat() for s in chunk],
             "countdown": [s.countdown for s in chunk],
+            "concurrency_key": [s.concurrency_key for s in chunk],
+            "key_concurrency": [s.key_concurrency for s in chunk],
         }
         ids.extend(row[0] for row in execute(connection, sql.ENQUEUE_MANY, params))
     return ids
@@ -202,16 +241,21 @@ def insert_many(connection: Any, specs: Sequence[JobSpec]) -> list[int]:
 
 def unique_key_problem(key: Any) -> str | None:
     """Why *key* cannot be a unique key, or None if it can."""
+    return text_key_problem(key, "unique_key")
+
+
+def text_key_problem(key: Any, option: str) -> str | None:
+    """Why *key* cannot be an indexed key (``unique_key``, ``concurrency_key``), or None if it can."""
     if not isinstance(key, str) or not key:
-        return f"unique_key must be a non-empty string, got {key!r}"
+        return f"{option} must be a non-empty string, got {key!r}"
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
-        return "unique_key cannot contain lone surrogates (PostgreSQL text is UTF-8)"
+        return f"{option} cannot contain lone surrogates (PostgreSQL text is UTF-8)"
     if "\x00" in key:
-        return "unique_key cannot contain the NUL character (PostgreSQL text cannot store it)"
+        return f"{option} cannot contain the NUL character (PostgreSQL text cannot store it)"
     if size > MAX_UNIQUE_KEY_BYTES:
-        return (f"unique_key is {size} bytes as UTF-8, over the limit of {MAX_UNIQUE_KEY_BYTES}; hash a long key "
+        return (f"{option} is {size} bytes as UTF-8, over the limit of {MAX_UNIQUE_KEY_BYTES}; hash a long key "
                 "(e.g. hashlib.sha256(key.encode()).hexdigest())")
     return None
 

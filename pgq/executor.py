@@ -35,6 +35,7 @@ class ClaimedJob:
     retry_backoff: float
     lease_seconds: int
     ignore_result: bool
+    limited: bool = False  # claimed by the limited claim (see pgq.limits)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT, INSERT", "jobs"),
         # get() reads the outcome.
         ("SELECT", "results"),
+        # The enqueue looks up whether the job's queue or task is limited (see pgq.limits).
+        ("SELECT", "limits"),
     ],
     "worker": [
         # Claim (SELECT … FOR UPDATE, UPDATE), heartbeat, complete, retry, fail, rescue, release.
@@ -27,6 +29,9 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT, INSERT, UPDATE", "results"),
         # Register, heartbeat and deregister the worker; forget dead workers.
         ("SELECT, INSERT, UPDATE, DELETE", "workers"),
+        # Declare the app's limits at start, lock them and take tokens in the limited claim, create the
+        # rows of concurrency keys and forget unused ones.
+        ("SELECT, INSERT, UPDATE, DELETE", "limits"),
         # Check at start that the schema is migrated to the version the code expects.
         ("SELECT", "alembic_version"),
     ],
@@ -35,6 +40,8 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT, INSERT, UPDATE, DELETE", "periodic_ticks"),
         # Enqueue each tick's job (RETURNING id needs SELECT); `pgq periodic list` reads the job's status.
         ("SELECT, INSERT", "jobs"),
+        # The enqueue looks up whether the job's queue or task is limited (see pgq.limits).
+        ("SELECT", "limits"),
         # Check at start that the schema is migrated to the version the code expects.
         ("SELECT", "alembic_version"),
     ],

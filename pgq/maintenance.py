@@ -33,6 +33,9 @@ log = logging.getLogger("pgq.worker")
 RESCUE_BATCH = 1000
 #: A worker row not refreshed for this long belongs to a dead worker and is deleted.
 FORGET_WORKERS_AFTER = 600.0
+#: A concurrency key's row in pgq.limits unused by any claim for this long is deleted (see pgq.limits).
+FORGET_KEYS_AFTER = 3600.0
+PRUNE_KEYS_EVERY = 60.0
 
 
 def rescue_expired(conn: psycopg.Connection, limit: int = RESCUE_BATCH) -> list[tuple]:
@@ -60,6 +63,7 @@ class Keeper:
         self._next_tick = 0.0  # monotonic time of the planned next run_once
         self._conn: psycopg.Connection | None = None
         self._last_rescue = 0.0
+        self._last_prune = 0.0
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -86,6 +90,20 @@ class Keeper:
             if rescue_expired(conn):
                 self.worker._wake.set()
             conn.execute(sql.WORKERS_FORGET_STALE, {"after": FORGET_WORKERS_AFTER})
+            self.limits_upkeep(conn)
+
+    def limits_upkeep(self, conn: psycopg.Connection) -> None:
+        """Mark jobs that slipped into a limited queue unmarked (see sql.LIMITS_SWEEP), and now and
+        then forget unused concurrency keys."""
+        swept = conn.execute(sql.LIMITS_SWEEP, {"queues": self.worker.queues}).rowcount
+        if swept:
+            log.warning("%d job(s) entered a limited queue as its limit was declared; they go through the "
+                        "limited claim now", swept)
+            self.worker._limited_due.set()
+            self.worker._wake.set()
+        if time.monotonic() - self._last_prune >= PRUNE_KEYS_EVERY:
+            self._last_prune = time.monotonic()
+            conn.execute(sql.LIMITS_PRUNE, {"keep": FORGET_KEYS_AFTER})
 
     def heartbeat(self, conn: psycopg.Connection) -> None:
         w = self.worker

@@ -106,7 +106,10 @@ class Recorder:
     def record(self, conn: psycopg.Connection, batch: list[Item]) -> None:
         """Write *batch* in one transaction, each write fenced by the attempt that produced it."""
         successes = [(job, o) for job, o in batch if isinstance(o, Succeeded)]
+        freed = sorted({job.queue for job, _ in batch if job.limited})
         with conn.transaction():
+            if freed:  # slots of limits free up at this commit: every worker of these queues hears of it
+                conn.execute(sql.LIMITS_FREED, {"queues": freed})
             if successes:
                 rows = conn.execute(sql.COMPLETE_MANY, {
                     "ids": [job.id for job, _ in successes],

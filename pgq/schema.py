@@ -69,6 +69,11 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("unique_key", Text),  # see jobs_unique_key_idx
     Column("cancel_requested_at", DateTime(timezone=True)),  # set by cancel(); a running job's worker stops it
+    # Limits (see pgq.limits): at most key_concurrency running jobs per concurrency_key; `limited` jobs are
+    # claimed only by the limited claim (a key, or a limit on their queue or task when enqueued).
+    Column("concurrency_key", Text),
+    Column("key_concurrency", Integer),
+    Column("limited", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint(_in("status", ALL), name="jobs_status_check"),
     CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_check"),
     CheckConstraint("lease_seconds >= 1", name="jobs_lease_seconds_check"),
@@ -77,16 +82,42 @@ jobs = Table(
         "status <> 'running' OR (lease_expires_at IS NOT NULL AND worker_id IS NOT NULL)",
         name="jobs_running_lease_check",
     ),
+    CheckConstraint(
+        "concurrency_key IS NULL OR (limited AND key_concurrency >= 1)",
+        name="jobs_concurrency_key_check",
+    ),
 )
 
-# What the claim walks: waiting rows only, in claim order. Finished rows are not in it at all.
+# What the claim walks: waiting rows only, in claim order. Finished rows are not in it at all, nor are
+# limited jobs, which only the limited claim takes.
 Index(
     "jobs_claim_idx",
     jobs.c.queue,
     jobs.c.priority.desc(),
     jobs.c.run_at,
     jobs.c.id,
-    postgresql_where=text(_in("status", WAITING)),
+    postgresql_where=text(f"{_in('status', WAITING)} AND NOT limited"),
+)
+# What the limited claim walks: the waiting limited jobs, in claim order.
+Index(
+    "jobs_limited_claim_idx",
+    jobs.c.queue,
+    jobs.c.priority.desc(),
+    jobs.c.run_at,
+    jobs.c.id,
+    postgresql_where=text(f"{_in('status', WAITING)} AND limited"),
+)
+# What the limited claim counts: running limited jobs per queue, and running jobs per concurrency key.
+# Only limited jobs are in them, so the ordinary claim pays nothing for them.
+Index(
+    "jobs_limited_running_idx",
+    jobs.c.queue,
+    postgresql_where=text("status = 'running' AND limited"),
+)
+Index(
+    "jobs_key_running_idx",
+    jobs.c.concurrency_key,
+    postgresql_where=text("status = 'running' AND concurrency_key IS NOT NULL"),
 )
 # What the rescuer walks: running rows by lease expiry.
 Index(
@@ -157,3 +188,24 @@ periodic_ticks = Table(
 )
 # Pruning walks the ticks of every schedule by age.
 Index("periodic_ticks_created_idx", periodic_ticks.c.created_at)
+
+# Declared limits and their state, one row per limit (see pgq.limits): 'queue:<name>' and 'task:<name>'
+# rows are declared by the app (workers write them at start); 'key:<key>' rows are created by the
+# limited claim, which locks each row it depends on (FOR UPDATE via an upsert) while it counts and
+# claims. A rate limit is a token bucket: `tokens` at `refilled_at`, refilled at `rate` per second up
+# to `burst`, taken one per claim. Running counts are not stored: they come from the jobs' status.
+limits = Table(
+    "limits",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("concurrency", Integer),
+    Column("rate", Float),  # claims per second
+    Column("burst", Float, nullable=False, server_default="1"),
+    Column("tokens", Float, nullable=False, server_default="0"),
+    Column("refilled_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("key <> ''", name="limits_key_check"),
+    CheckConstraint("concurrency IS NULL OR concurrency >= 1", name="limits_concurrency_check"),
+    CheckConstraint("rate IS NULL OR rate > 0", name="limits_rate_check"),
+    CheckConstraint("burst >= 1", name="limits_burst_check"),
+)

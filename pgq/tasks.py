@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import enqueue, retry
+from . import enqueue, limits, retry
 from .errors import EnqueueError, Retry
 
 if TYPE_CHECKING:
@@ -69,6 +69,10 @@ class Task:
         retry_on: Mapping[Any, retry.Backoff] | None = None,
         discard_on: Iterable[type[BaseException]] | type[BaseException] = (),
         autoretry_for: Iterable[type[BaseException]] | type[BaseException] | None = None,
+        concurrency_key: str | Callable[..., str | None] | None = None,
+        key_concurrency: int | None = None,
+        rate_limit: str | float | None = None,
+        rate_burst: float | None = None,
     ):
         self.app = app
         self.fn = fn
@@ -98,6 +102,21 @@ class Task:
         self.unique = bool(unique)
         self.unique_key = unique_key
         self.retry_policy = retry.RetryPolicy(retry_on, discard_on, autoretry_for, owner=f"task {name}")
+        # Limits (see pgq.limits and docs/limits.md).
+        if concurrency_key is not None and not callable(concurrency_key) and not isinstance(concurrency_key, str):
+            raise ValueError(f"task {name}: concurrency_key must be a string or a function of the task's "
+                             f"arguments, got {concurrency_key!r}")
+        if key_concurrency is not None:
+            if concurrency_key is None:
+                raise ValueError(f"task {name}: key_concurrency needs concurrency_key= (a string, or a function of "
+                                 "the task's arguments), or pass concurrency_key= when enqueueing")
+            try:
+                limits.check_concurrency(key_concurrency, "key_concurrency")
+            except ValueError as exc:
+                raise ValueError(f"task {name}: {exc}") from None
+        self.concurrency_key = concurrency_key
+        self.key_concurrency = key_concurrency
+        self.limit = limits.task_limit(name, rate_limit, rate_burst)  # its rate limit, if any
         # Refuse bad defaults when the module is imported, not at the first enqueue.
         self._spec(unique_key=unique_key if isinstance(unique_key, str) else None)
         self.__doc__ = fn.__doc__
@@ -141,6 +160,8 @@ class Task:
         retry_backoff: float | None = None,
         unique_key: str | None = None,
         unique_for: timedelta | float | None = None,
+        concurrency_key: str | None = None,
+        key_concurrency: int | None = None,
     ) -> AsyncResult:
         """Enqueue with options. With ``connection=`` (a psycopg Connection, a SQLAlchemy Connection or
         Session) the job is written in that caller's open transaction and exists only if it commits.
@@ -148,7 +169,10 @@ class Task:
         With a unique key (``unique_key=``, or the task's ``unique``/``unique_key`` default), enqueueing
         while a job with that key is waiting or running returns that job's handle instead (its
         ``deduplicated`` is True); ``unique_for`` (a timedelta or seconds) also returns a job with that key
-        that finished (succeeded or failed) that recently. See docs/job-control.md."""
+        that finished (succeeded or failed) that recently. See docs/job-control.md.
+
+        ``concurrency_key`` (default: the task's) with ``key_concurrency`` (default: the task's, else 1): at
+        most that many jobs with this key run at once, across all workers. See docs/limits.md."""
         args = () if args is None else args
         spec = self._spec(
             args=args,
@@ -163,8 +187,20 @@ class Task:
             retry_backoff=retry_backoff,
             unique_key=unique_key if unique_key is not None else self.unique_key_for(args, kwargs),
             unique_for=unique_for if unique_for is not None else self.unique_for,
+            concurrency_key=concurrency_key if concurrency_key is not None else self.concurrency_key_for(args, kwargs),
+            key_concurrency=key_concurrency,
         )
         return self.app._enqueue(spec, connection)
+
+    def concurrency_key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> str | None:
+        """The concurrency key a job of this task gets from these arguments by default (None: no key)."""
+        if callable(self.concurrency_key):
+            try:
+                return self.concurrency_key(*args, **(kwargs or {}))
+            except Exception as exc:
+                raise EnqueueError(f"cannot enqueue {self.name}: its concurrency_key function raised "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        return self.concurrency_key
 
     def unique_key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> str | None:
         """The unique key a job of this task gets from these arguments by default (None: not unique).
@@ -201,7 +237,12 @@ class Task:
             "lease_seconds": self.lease_seconds,
             "ignore_result": self.ignore_result,
         }
+        if isinstance(self.concurrency_key, str):
+            options["concurrency_key"] = self.concurrency_key
         options.update({k: v for k, v in overrides.items() if v is not None})
+        if options.get("concurrency_key") is not None and options.get("key_concurrency") is None \
+                and self.key_concurrency is not None:
+            options["key_concurrency"] = self.key_concurrency
         return enqueue.build(self.name, **options)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:

@@ -326,7 +326,8 @@ class Worker:
             self._wake.set()
         if retry_in is not None:  # a job waits for a token: come back when it is there (5 ms late)
             self._limited_next = min(self._limited_next, time.monotonic() + retry_in + 0.005)
-        return self._hold([ClaimedJob(*row, limited=True) for row in rows])
+        # Reversed: each goes to the front of the runners' queue (see _Ready), so the first ends up first.
+        return self._hold([ClaimedJob(*row, limited=True) for row in rows])[::-1]
 
     def _hold(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
         jobs.sort(key=lambda j: (-j.priority, j.id))
