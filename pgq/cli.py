@@ -2,23 +2,68 @@
 
 from __future__ import annotations
 
+import decimal
 import importlib
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
+import time
 from datetime import timedelta
 from typing import Any
 
 import click
 import psycopg
 
-from . import control, db, grants, migrate, periodic, sql
+from . import control, db, doctor, grants, inspection, migrate, periodic, pruner, sql
 from .app import App
 from .errors import ConfigurationError, Error, JobNotFound
 from .states import ALL
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+FOREVER = "forever"
+
+
+class Duration(click.ParamType):
+    """90s, 15m, 12h, 1d, 2w, 1d12h or plain seconds; with *forever*, also ``forever`` (kept as that word)."""
+
+    name = "duration"
+
+    def __init__(self, forever: bool = False):
+        self.forever = forever
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, timedelta) or (self.forever and value == FOREVER):
+            return value
+        try:
+            parsed = pruner.parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if parsed is None:
+            if not self.forever:
+                self.fail("a finite duration is needed here", param, ctx)
+            return FOREVER
+        return parsed
+
+
+def _retention_options(fn: Any) -> Any:
+    """--keep-succeeded/--keep-cancelled/--keep-failed, shared by `pgq worker` and `pgq prune` (and their
+    PGQ_KEEP_* environment variables), so both prune alike."""
+    for state in reversed(pruner.STATES):
+        default = pruner.format_duration(pruner.DEFAULT_RETENTION[state])
+        fn = click.option(f"--keep-{state}", f"keep_{state}", type=Duration(forever=True), default=default,
+                          envvar=f"PGQ_KEEP_{state.upper()}", show_default=True,
+                          help=f"How long {state} jobs and their results are kept after they finish (e.g. 12h, "
+                               f"7d, or forever) [env: PGQ_KEEP_{state.upper()}]")(fn)
+    return fn
+
+
+def _keep(params: dict[str, Any]) -> dict[str, timedelta | None]:
+    """The retention the --keep-* options give (and remove from *params*)."""
+    values = {state: params.pop(f"keep_{state}") for state in pruner.STATES}
+    return {state: None if value == FOREVER else value for state, value in values.items()}
 
 
 class _Group(click.Group):
@@ -150,6 +195,13 @@ def migrate_cmd(ctx: click.Context) -> None:
               envvar="PGQ_TASK_TIMEOUT",
               help="Seconds a job may run when its task sets no timeout of its own; the attempt then fails "
                    "and is retried [env: PGQ_TASK_TIMEOUT; default: no limit]")
+@_retention_options
+@click.option("--prune-interval", type=click.FloatRange(min=0.1), default=pruner.INTERVAL, envvar="PGQ_PRUNE_INTERVAL",
+              help="Seconds between pruning rounds; each round, one worker (whichever asks first) deletes the finished "
+                   "jobs past their --keep-* time, 5,000 per transaction [env: PGQ_PRUNE_INTERVAL]")
+@click.option("--prune/--no-prune", "prune", default=True, envvar="PGQ_PRUNE",
+              help="Take part in pruning finished jobs; --no-prune leaves it to other workers or `pgq prune` "
+                   "[env: PGQ_PRUNE=0]")
 @click.option("--prepare/--no-prepare", default=True, envvar="PGQ_PREPARE",
               help="Use server-side prepared statements; --no-prepare for poolers that cannot keep them "
                    "(PgBouncer < 1.21 in transaction mode) [env: PGQ_PREPARE=0]")
@@ -158,8 +210,8 @@ def migrate_cmd(ctx: click.Context) -> None:
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
                shutdown_grace: float, listen: bool, rescue_interval: float, prefetch: int | None,
-               task_timeout: float | None,
-               prepare: bool, loglevel: str | None, beat: bool = False) -> None:
+               task_timeout: float | None, prune_interval: float, prune: bool,
+               prepare: bool, loglevel: str | None, beat: bool = False, **keep: Any) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
@@ -174,7 +226,8 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
     app = _app(ctx)
     worker = app.worker(queues=queues, concurrency=concurrency, pool=pool, poll_interval=poll_interval,
                         shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval,
-                        task_timeout=task_timeout, prefetch=prefetch)
+                        task_timeout=task_timeout, prefetch=prefetch, retention=_keep(keep),
+                        prune_interval=prune_interval if prune else None)
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")
@@ -360,9 +413,9 @@ def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancel
 @main.command("grants")
 @click.option("--role", required=True, help="The PostgreSQL role to grant to (quoted as an identifier)")
 @click.option("--kind", type=click.Choice(list(grants.KINDS)), required=True,
-              help="producer: enqueue and read results; worker: claim, run and record jobs; scheduler: enqueue "
-                   "periodic ticks (pgq beat; `worker -B` needs worker and scheduler); control: cancel and retry "
-                   "jobs by hand")
+              help="producer: enqueue and read results; worker: claim, run and record jobs, prune finished ones; "
+                   "scheduler: enqueue periodic ticks (pgq beat; `worker -B` needs worker and scheduler); control: "
+                   "cancel and retry jobs by hand; monitor: read-only (views, status, jobs, workers, limits, doctor)")
 @click.option("--apply", "apply_", is_flag=True,
               help="Run the statements against the database instead of printing them (needs the schema owner)")
 @click.pass_context
@@ -461,6 +514,327 @@ def periodic_list_cmd(ctx: click.Context, as_json: bool) -> None:
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --- retention -----------------------------------------------------------------------------------------
+
+
+@main.command("prune")
+@click.option("--older-than", type=Duration(), default=None, metavar="DURATION",
+              help="Delete the selected states' jobs that finished longer ago than this (e.g. 12h, 30d), instead "
+                   "of each state's --keep-* time")
+@click.option("--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help="Only these finished states: succeeded, failed, cancelled (repeatable) [default: all three]")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted, delete nothing")
+@click.option("--batch-size", type=click.IntRange(min=1), default=pruner.BATCH,
+              help="Jobs deleted per transaction")
+@_retention_options
+@click.pass_context
+def prune_cmd(ctx: click.Context, older_than: timedelta | None, states: tuple[str, ...], dry_run: bool,
+              batch_size: int, **keep_options: Any) -> None:
+    """Delete finished jobs, and their results, past their retention: now, by hand. Running workers do
+    the same on their own (see `pgq worker --keep-*`), so this is for a first clean-up, a different
+    window, or deployments without workers pruning.
+
+    \b
+      pgq prune                                  # each state's --keep-* time (PGQ_KEEP_* too)
+      pgq prune --state succeeded --older-than 6h
+      pgq prune --dry-run
+
+    Deletes in batches, each its own short transaction, so it is safe while workers run; prints the
+    jobs deleted so far as it goes, and the totals.
+    """
+    try:
+        selected = pruner.states_of(states) if states else list(pruner.STATES)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--state") from None
+    keep = _keep(keep_options)
+    keep = {state: older_than if older_than is not None else keep[state] for state in selected}
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        if dry_run:
+            for c in pruner.count(conn, keep):
+                if c.keep is None:
+                    click.echo(f"{c.state}: kept forever")
+                    continue
+                oldest = "" if c.oldest is None else f" (oldest finished {_ts(c.oldest)})"
+                click.echo(f"{c.state}: {c.jobs:,} job(s) finished more than {pruner.format_duration(c.keep)} ago "
+                           f"would be deleted{oldest}")
+            return
+        last = [0.0]
+
+        def progress(stats: pruner.PruneStats) -> None:
+            if len(stats.batches) == 1 or time.monotonic() - last[0] >= 1.0:
+                last[0] = time.monotonic()
+                click.echo(f"deleted {stats.total:,} job(s) so far ({len(stats.batches)} batch(es))", err=True)
+
+        stats = pruner.prune(conn, keep, batch_size=batch_size, progress=progress)
+    per_state = ", ".join(f"{stats.jobs[s]:,} {s}" + (" (kept forever)" if keep[s] is None else "") for s in selected)
+    rate = f", {stats.total / stats.seconds:,.0f} jobs/s" if stats.total and stats.seconds else ""
+    click.echo(f"deleted {stats.total:,} job(s) ({per_state}) and {stats.results:,} result(s) in "
+               f"{len(stats.batches)} batch(es), {stats.seconds:.2f} s{rate}")
+
+
+# --- inspection ----------------------------------------------------------------------------------------
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """Look at jobs: list them, show one."""
+
+
+@jobs_group.command("list")
+@click.option("--queue", metavar="QUEUE", help="Only this queue")
+@click.option("--task", "task_name", metavar="NAME", help="Only this task")
+@click.option("--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help=f"Only these states ({', '.join(inspection.STATES)}; repeatable)")
+@click.option("--older-than", type=Duration(), metavar="DURATION", help="Only jobs enqueued longer ago (e.g. 1h)")
+@click.option("--newer-than", type=Duration(), metavar="DURATION", help="Only jobs enqueued more recently (e.g. 15m)")
+@click.option("--limit", type=click.IntRange(min=1), default=50, help="Jobs per page")
+@click.option("--page", type=click.IntRange(min=1), default=1, help="Page, from 1 (newest first)")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def jobs_list_cmd(ctx: click.Context, queue: str | None, task_name: str | None, states: tuple[str, ...],
+                  older_than: timedelta | None, newer_than: timedelta | None, limit: int, page: int,
+                  as_json: bool) -> None:
+    """Jobs, newest first, with their state, attempts, age, run time and last error."""
+    wanted = [s.strip() for value in states for s in value.split(",") if s.strip()]
+    bad = sorted(set(wanted) - set(inspection.STATES))
+    if bad:
+        raise click.BadParameter(f"unknown state {', '.join(bad)} (states: {', '.join(inspection.STATES)})",
+                                 param_hint="--state")
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        rows = inspection.list_jobs(conn, queue=queue, task=task_name, states=wanted or None, older_than=older_than,
+                                    newer_than=newer_than, limit=limit, page=page)
+    if as_json:
+        click.echo(json.dumps({"page": page, "limit": limit, "jobs": rows}, indent=2, default=_json_value))
+        return
+    if not rows:
+        click.echo("(no jobs)" if page == 1 else f"(no jobs on page {page})")
+        return
+    header = ["id", "queue", "task", "status", "tries", "age", "ran", "last error"]
+    table = [[str(r["id"]), r["queue"], r["task_name"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
+              _dur(r["age"]), _dur(r["ran_for"]), _one_line(r["last_error"])] for r in rows]
+    for line in _table(header, table, shrink=(7, 2, 1), right=(0, 4, 5, 6)):
+        click.echo(line)
+    first = (page - 1) * limit + 1
+    more = f"; more: --page {page + 1}" if len(rows) == limit else ""
+    click.echo(f"\njobs {first}-{first + len(rows) - 1}, newest first{more}")
+
+
+@jobs_group.command("show")
+@click.argument("job_id", type=click.IntRange(min=1), metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def jobs_show_cmd(ctx: click.Context, job_id: int, as_json: bool) -> None:
+    """One job: its arguments, timings, outcome, and every failed attempt with its error and traceback."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        job = inspection.show_job(conn, job_id)
+    if as_json:
+        click.echo(json.dumps(job, indent=2, default=_json_value))
+        return
+    t = job["timings"]
+    lines = [
+        ("job", f"{job['id']}  {job['task_name']}"),
+        ("queue", f"{job['queue']}  (priority {job['priority']})"),
+        ("status", f"{job['status']}  (attempt {job['attempts']} of {job['max_attempts']})"
+                   + ("  cancellation requested" if job["cancel_requested_at"] and job["status"] == "running" else "")),
+        ("args", json.dumps(job["args"], ensure_ascii=False)),
+        ("kwargs", json.dumps(job["kwargs"], ensure_ascii=False)),
+        ("enqueued", f"{_ts(job['created_at'])}  ({_dur(t['age'])} ago)"),
+        ("due", _ts(job["run_at"]) + (f"  (in {_dur(t['due_in'])})" if t["due_in"] else "")),
+        ("started", "-" if job["started_at"] is None else
+         f"{_ts(job['started_at'])}  (latest attempt; waited {_dur(t['waited'])} once due)"),
+        ("finished", "-" if job["finished_at"] is None else
+         f"{_ts(job['finished_at'])}  (ran {_dur(t['ran'])}; {_dur(t['total'])} after it was enqueued)"),
+    ]
+    if job["status"] == "running":
+        lines.append(("running", f"for {_dur(t['ran'])}; lease left {_dur(t['lease_left'])}"))
+    lines.append(("worker", job["worker_id"] or "-"))
+    if job["unique_key"]:
+        lines.append(("unique key", job["unique_key"]))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key.ljust(width)}  {value}")
+    outcome = job["outcome"]
+    click.echo("")
+    if outcome is None:
+        click.echo("outcome: none stored" + (" (ignore_result)" if job["ignore_result"] and job["status"] == "succeeded"
+                                             else ""))
+    elif outcome["status"] == "succeeded":
+        click.echo(f"result: {json.dumps(outcome['result'], ensure_ascii=False)}")
+    else:
+        errors = job["errors"] or []
+        click.echo(f"outcome: {outcome['status']}: {outcome['error_type']}: {outcome['error_message']}")
+        if outcome["traceback"] and not any(e.get("traceback") == outcome["traceback"] for e in errors):
+            click.echo(_indent(outcome["traceback"]))  # else it is the last attempt's, below
+    errors = job["errors"] or []
+    click.echo(f"\nattempt history ({len(errors)} entr{'y' if len(errors) == 1 else 'ies'}):" if errors
+               else "\nattempt history: no failed attempt")
+    for entry in errors:
+        where = f" on {entry['worker']}" if entry.get("worker") else ""
+        click.echo(f"  attempt {entry.get('attempt', '?')} at {entry.get('at', '?')}{where}: "
+                   f"{entry.get('type', '?')}: {entry.get('message', '')}")
+        if entry.get("traceback"):
+            click.echo(_indent(entry["traceback"], "      "))
+
+
+@main.command("workers")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def workers_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Worker processes: their queues, concurrency, running jobs and last heartbeat. A killed worker's row
+    stays (STALE) until a worker shutting down cleanly forgets it, 10 minutes later."""
+    app = _app(ctx)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        migrate.check(conn)
+        rows = inspection.list_workers(conn)
+    if as_json:
+        click.echo(json.dumps({"workers": rows}, indent=2, default=_json_value))
+        return
+    if not rows:
+        click.echo("(no workers)")
+        return
+    header = ["worker", "queues", "concurrency", "running", "up", "heartbeat", "state"]
+    now_rows = [[r["id"], ",".join(r["queues"]), str(r["concurrency"]), str(r["running_jobs"]),
+                 _dur(r["last_heartbeat_at"] - r["started_at"] + r["since_heartbeat"]),
+                 f"{_dur(r['since_heartbeat'])} ago", "alive" if r["alive"] else "STALE"] for r in rows]
+    for line in _table(header, now_rows, shrink=(1, 0), right=(2, 3, 4, 5)):
+        click.echo(line)
+    alive = sum(1 for r in rows if r["alive"])
+    click.echo(f"\n{alive} alive, {len(rows) - alive} stale")
+
+
+# --- pgq doctor ----------------------------------------------------------------------------------------
+
+
+@main.command("doctor")
+@click.option("--max-transaction-age", type=Duration(), default="5m", metavar="DURATION",
+              help="A transaction open longer than this (holding back vacuum) is a problem")
+@click.option("--max-idle-in-transaction", type=Duration(), default="1m", metavar="DURATION",
+              help="A session idle in a transaction longer than this is a problem")
+@click.option("--stuck-after", type=Duration(), default="1m", metavar="DURATION",
+              help="A job running this long past its lease (not rescued) is a problem")
+@click.option("--queue", metavar="QUEUE", help="Queue to plan the claim for [default: one with waiting jobs]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.pass_context
+def doctor_cmd(ctx: click.Context, max_transaction_age: timedelta, max_idle_in_transaction: timedelta,
+               stuck_after: timedelta, queue: str | None, as_json: bool) -> None:
+    """Check what threatens a queue in PostgreSQL, and say what to do about each problem: sessions and
+    slots holding back vacuum, dead rows in pgq's tables, the claim's index, stuck leases, the schema
+    version. Exits 1 when something is wrong, 0 when all is well (notes are not problems).
+
+    Other roles' sessions show their queries only to superusers and members of pg_read_all_stats."""
+    app = _app(ctx)
+    thresholds = doctor.Thresholds(max_transaction_age=max_transaction_age,
+                                   max_idle_in_transaction=max_idle_in_transaction, stuck_after=stuck_after)
+    with db.connect(app.database_url, role="cli", autocommit=True) as conn:
+        findings = doctor.examine(conn, thresholds, queue=queue)
+    problems = [f for f in findings if not f.ok]
+    if as_json:
+        click.echo(json.dumps({"healthy": not problems, "findings": [f.as_json() for f in findings]}, indent=2,
+                              default=_json_value))
+    else:
+        width = _terminal_width()  # None: not a terminal, lines are not wrapped
+
+        def fill(text: str, first: str, rest: str) -> str:
+            if width is None:
+                return first + text
+            return textwrap.fill(text, width=width, initial_indent=first, subsequent_indent=rest)
+
+        for f in findings:
+            label = {"ok": "ok", "note": "note", "problem": "PROBLEM"}[f.level]
+            click.echo(fill(f.summary, f"{label:<8} {f.check:<12} ", " " * 22))
+            if f.level != "ok" and f.advice:
+                click.echo(fill(f"-> {f.advice}", " " * 22, " " * 25))
+            for d in f.details if f.level == "problem" else ():
+                if d.get("query"):
+                    query = _one_line(d["query"])
+                    click.echo(" " * 22 + "query: " + (query if width is None else query[: max(20, width - 29)]))
+        click.echo("\n" + (f"{len(problems)} problem(s) found" if problems else "no problems found"))
+    if problems:
+        ctx.exit(1)
+
+
+# --- formatting ----------------------------------------------------------------------------------------
+
+
+def _terminal_width() -> int | None:
+    """The width to fit tables to: $COLUMNS, or the terminal's; None (no limit) when output is not a terminal."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _table(header: list[str], rows: list[list[str]], *, shrink: tuple[int, ...] = (),
+           right: tuple[int, ...] = ()) -> list[str]:
+    """Columns padded to their content; when wider than the terminal, the *shrink* columns (in that order)
+    are cut down, their cells ending in '…', never below their header or 8 characters."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    limit = _terminal_width()
+    if limit is not None:
+        excess = sum(widths) + 2 * (len(widths) - 1) - limit
+        for i in shrink:
+            if excess <= 0:
+                break
+            cut = min(excess, widths[i] - max(len(header[i]), 8))
+            if cut > 0:
+                widths[i] -= cut
+                excess -= cut
+    out = []
+    for row in [header, *rows]:
+        cells = []
+        for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
+            if len(cell) > w:
+                cell = cell[: w - 1] + "…"
+            cells.append(cell.rjust(w) if i in right else cell.ljust(w))
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _dur(delta: timedelta | None) -> str:
+    if delta is None:
+        return "-"
+    seconds = max(0.0, delta.total_seconds())
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _ts(t: Any) -> str:
+    return "-" if t is None else t.isoformat(sep=" ", timespec="milliseconds")
+
+
+def _one_line(text: str | None) -> str:
+    return "" if not text else " ".join(text.split())
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return textwrap.indent(text.rstrip("\n"), prefix)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _local(t: Any, zone: Any) -> str:

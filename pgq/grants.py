@@ -10,7 +10,7 @@ from psycopg import sql
 
 from .schema import SCHEMA
 
-KINDS = ("producer", "worker", "scheduler", "control")
+KINDS = ("producer", "worker", "scheduler", "control", "monitor")
 
 # (privileges, table) per kind. Why each one:
 _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
@@ -23,15 +23,18 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT", "limits"),
     ],
     "worker": [
-        # Claim (SELECT … FOR UPDATE, UPDATE), heartbeat, complete, retry, fail, rescue, release.
-        ("SELECT, UPDATE", "jobs"),
-        # Record outcomes (INSERT … ON CONFLICT DO UPDATE needs SELECT and UPDATE too).
-        ("SELECT, INSERT, UPDATE", "results"),
+        # Claim (SELECT … FOR UPDATE, UPDATE), heartbeat, complete, retry, fail, rescue, release; prune
+        # finished jobs past their retention (DELETE).
+        ("SELECT, UPDATE, DELETE", "jobs"),
+        # Record outcomes (INSERT … ON CONFLICT DO UPDATE needs SELECT and UPDATE too); prune them (DELETE).
+        ("SELECT, INSERT, UPDATE, DELETE", "results"),
         # Register, heartbeat and deregister the worker; forget dead workers.
         ("SELECT, INSERT, UPDATE, DELETE", "workers"),
         # Declare the app's limits at start, lock them and take tokens in the limited claim, create the
         # rows of concurrency keys and forget unused ones.
         ("SELECT, INSERT, UPDATE, DELETE", "limits"),
+        # Take a pruning round (INSERT … ON CONFLICT DO UPDATE … RETURNING) and note what it did.
+        ("SELECT, INSERT, UPDATE", "maintenance_runs"),
         # Check at start that the schema is migrated to the version the code expects.
         ("SELECT", "alembic_version"),
     ],
@@ -51,6 +54,20 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         # Store a cancelled job's outcome (INSERT … ON CONFLICT DO UPDATE); delete it on a retry by hand.
         ("SELECT, INSERT, UPDATE, DELETE", "results"),
         # The commands check that the schema is migrated to the version the code expects.
+        ("SELECT", "alembic_version"),
+    ],
+    "monitor": [
+        # Read-only: dashboards and alerts need only the views (they run with their owner's privileges);
+        # `pgq status`, `pgq jobs`, `pgq workers`, `pgq limits`, `pgq doctor` read the tables too. Nothing is writable.
+        ("SELECT", "queue_stats"),
+        ("SELECT", "stuck_jobs"),
+        ("SELECT", "recent_failures"),
+        ("SELECT", "live_workers"),
+        ("SELECT", "jobs"),
+        ("SELECT", "results"),
+        ("SELECT", "workers"),
+        ("SELECT", "maintenance_runs"),
+        ("SELECT", "limits"),
         ("SELECT", "alembic_version"),
     ],
 }

@@ -209,3 +209,17 @@ limits = Table(
     CheckConstraint("rate IS NULL OR rate > 0", name="limits_rate_check"),
     CheckConstraint("burst >= 1", name="limits_burst_check"),
 )
+
+# One row per maintenance round (``prune``): whoever's upsert finds ``next_run_at`` passed runs the round
+# and moves it on, so one worker at a time prunes, without a leader or an advisory lock (see pgq.pruner).
+# The other columns say when the last round ran, on which worker, and what it deleted.
+maintenance_runs = Table(
+    "maintenance_runs",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("next_run_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("last_started_at", DateTime(timezone=True)),
+    Column("last_finished_at", DateTime(timezone=True)),
+    Column("last_run_by", Text),
+    Column("last_deleted", BigInteger, nullable=False, server_default="0"),
+)

@@ -8,7 +8,10 @@ Threads, and what each owns:
   execute tasks — no transaction is open while user code runs;
 - the recorder writes outcomes, many successes in one fenced statement;
 - the keeper heartbeats: extends the leases of running jobs, refreshes the worker row, and rescues
-  jobs whose lease expired anywhere (see :mod:`pgq.maintenance`).
+  jobs whose lease expired anywhere (see :mod:`pgq.maintenance`);
+- the pruner asks for the pruning round once a minute and, when it gets it, deletes finished jobs past
+  their retention in short batches (see :mod:`pgq.pruner`). Its own thread: a round over a large backlog
+  takes seconds, which the keeper's heartbeats cannot wait for.
 
 Every thread survives a lost database: it logs, backs off, reconnects, and carries on.
 """
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from . import db, executor, limits, maintenance, migrate, sql
+from . import db, executor, limits, maintenance, migrate, pruner, sql
 from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
 from .recorder import Backoff, Recorder
@@ -94,6 +97,11 @@ class Worker:
       limit). See :meth:`enforce_timeouts` for what can and cannot be interrupted.
     - ``rescue_interval``: seconds between sweeps for jobs whose lease expired on a dead worker. Lost
       jobs restart after their lease plus up to this much. Default 5 s.
+    - ``retention``: how long finished jobs and their results are kept, per state, e.g.
+      ``{"succeeded": timedelta(hours=6), "failed": None}`` (None: forever); states not given keep
+      :data:`pgq.pruner.DEFAULT_RETENTION` (succeeded 1 day, cancelled 7 days, failed 30 days).
+    - ``prune_interval``: seconds between pruning rounds; each round one worker, whichever asks first,
+      prunes. None (or 0) turns pruning off in this worker. Default 60 s.
     """
 
     def __init__(
@@ -110,6 +118,8 @@ class Worker:
         task_timeout: float | None = None,
         prefetch: int | None = None,
         worker_id: str | None = None,
+        retention: Any = None,
+        prune_interval: float | None = pruner.INTERVAL,
     ):
         if isinstance(queues, str):
             queues = [q.strip() for q in queues.split(",") if q.strip()]
@@ -150,6 +160,10 @@ class Worker:
         self._rate_keys: list[str] = []  # see limits.rate_keys
         self.keeper = maintenance.Keeper(self)
         self.recorder = Recorder(self)
+        self.pruner: pruner.Pruner | None = pruner.Pruner(app, keep=retention, interval=prune_interval,
+                                                          owner=self.id) if prune_interval else None
+        if self.pruner is not None and not self.pruner.enabled:
+            self.pruner = None  # every state kept forever
         self._retired: set[int] = set()  # runner threads replaced after their job's timeout
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -217,6 +231,8 @@ class Worker:
                                                        ("pgq-keeper", self.keeper.loop)]
         if self.listen:
             specs.append(("pgq-listener", self._listen_loop))
+        if self.pruner is not None:
+            specs.append(("pgq-pruner", self.pruner.loop))
         for name, target in specs:
             self._threads.append(threading.Thread(target=target, name=name, daemon=True))
         for thread in self._threads:
@@ -589,10 +605,12 @@ class Worker:
         # 3. Record every outcome we have, then stop the other threads.
         self.recorder.done.set()
         self.keeper.stop()
+        if self.pruner is not None:
+            self.pruner.stop()  # a round in progress ends after its current batch
         for thread in self._threads:
             if thread.name == "pgq-recorder":
                 thread.join(timeout=None if not self._hurry.is_set() else 2.0)
-            else:  # the keeper, and the listener, which sees the stop within 0.25 s
+            else:  # the keeper, the pruner, and the listener, which sees the stop within 0.25 s
                 thread.join(timeout=2.0)
 
         # 4. What still runs is abandoned: hand it back as a failed attempt (or leave it to lease expiry

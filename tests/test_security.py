@@ -55,9 +55,10 @@ def test_grants_cli_prints_statements():
 
 @pytest.fixture
 def roles(conn, db_url):
-    """A producer and a worker role with exactly pgq's grants (roles are cluster-wide: unique names)."""
+    """A producer, a worker and a monitor role with exactly pgq's grants (roles are cluster-wide: unique names)."""
     suffix = uuid.uuid4().hex[:8]
-    names = {"producer": f"pgq_producer_{suffix}", "worker": f"pgq_worker_{suffix}"}
+    names = {"producer": f"pgq_producer_{suffix}", "worker": f"pgq_worker_{suffix}",
+             "monitor": f"pgq_monitor_{suffix}"}
     urls = {}
     for kind, name in names.items():
         conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'secret-pw'").format(psycopg.sql.Identifier(name)))
@@ -75,12 +76,20 @@ def test_restricted_producer_and_worker_roles(app, conn, roles):
     app.set_database_url(roles["producer"])
     handle = apps.add.delay(20, 22)
     failing = apps.fail.delay("as the worker role")
+    old = apps.add.delay(1, 1)  # finished two days ago: the worker's pruner deletes it, and its result
+    conn.execute("UPDATE pgq.jobs SET status = 'succeeded', finished_at = now() - interval '2 days' WHERE id = %s",
+                 (old.id,))
+    conn.execute("INSERT INTO pgq.results (job_id, status, result) VALUES (%s, 'succeeded', '2')", (old.id,))
     worker = WorkerProcess(roles["worker"], "-c", "2")
     try:
         assert handle.get(timeout=20) == 42
         with pytest.raises(pgq.TaskFailed, match="as the worker role"):
             failing.get(timeout=20)
         wait_for(lambda: scalar(conn, "SELECT count(*) FROM pgq.workers") == 1, what="worker row")
+        wait_for(lambda: scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE id = %s", (old.id,)) == 0,
+                 what="the worker to prune the old job")
+        assert scalar(conn, "SELECT count(*) FROM pgq.results WHERE job_id = %s", (old.id,)) == 0
+        assert f":{worker.pid}:" in scalar(conn, "SELECT last_run_by FROM pgq.maintenance_runs WHERE name = 'prune'")
     finally:
         output = worker.stop()
     assert "permission denied" not in output
@@ -93,7 +102,32 @@ def test_restricted_producer_and_worker_roles(app, conn, roles):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 producer.execute(statement)
     with psycopg.connect(roles["worker"], autocommit=True) as worker_conn:
-        for statement in ("INSERT INTO pgq.jobs (task_name) VALUES ('x')", "DELETE FROM pgq.jobs",
-                          "DROP TABLE pgq.results"):
+        for statement in ("INSERT INTO pgq.jobs (task_name) VALUES ('x')", "TRUNCATE pgq.jobs",
+                          "DELETE FROM pgq.periodic_ticks", "DELETE FROM pgq.maintenance_runs",
+                          "DROP TABLE pgq.results", "DROP VIEW pgq.queue_stats"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 worker_conn.execute(statement)
+
+
+def test_monitor_role_reads_and_changes_nothing(app, conn, roles):
+    handle = apps.fail.delay("seen by the monitor")
+    with app.worker(concurrency=1).running(), pytest.raises(pgq.TaskFailed):
+        handle.get(timeout=10)
+    runner = CliRunner()
+    url = roles["monitor"]
+    with psycopg.connect(url, autocommit=True) as monitor:
+        for view in ("queue_stats", "stuck_jobs", "recent_failures", "live_workers"):
+            monitor.execute(f"SELECT * FROM pgq.{view}").fetchall()
+        assert scalar(monitor, "SELECT id FROM pgq.recent_failures") == handle.id
+        for statement in ("UPDATE pgq.jobs SET priority = 1", "DELETE FROM pgq.results", "DELETE FROM pgq.workers",
+                          "INSERT INTO pgq.maintenance_runs (name) VALUES ('x')", "TRUNCATE pgq.jobs"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                monitor.execute(statement)
+    for args in (["status"], ["jobs", "list"], ["jobs", "show", str(handle.id)], ["workers"], ["limits"]):
+        result = runner.invoke(main, ["--database-url", url, *args])
+        assert result.exit_code == 0, (args, result.output)
+    assert "seen by the monitor" in runner.invoke(main, ["--database-url", url, "jobs", "show", str(handle.id)]).output
+    # The doctor runs too: what the role may not see becomes a note, not a failure.
+    result = runner.invoke(main, ["--database-url", url, "doctor"])
+    assert result.exit_code == 0, result.output
+    assert "claim plan not checked" in result.output
