@@ -481,19 +481,19 @@ class Worker:
         discarded, and a fresh runner takes its slot.
         """
         now = time.monotonic()
-        expired: list[_Held] = []
+        # (job, its timeout) read under the lock: the runner clears held.timeout when the task returns.
+        expired: list[tuple[ClaimedJob, float]] = []
         with self._held_lock:
             for held in self._held.values():
                 if held.started is not None and held.timeout and not held.timed_out and not held.cancelled \
                         and now >= held.started + held.timeout:
                     held.timed_out = True
-                    expired.append(held)
+                    expired.append((held.job, held.timeout))
                     self._interrupt(held, TaskTimeout)
-        for held in expired:
-            job = held.job
+        for job, timeout in expired:
             log.error("job %d %s attempt %d/%d exceeded its timeout of %g s", job.id, job.task_name, job.attempt,
-                      job.max_attempts, held.timeout)
-            self.recorder.put(job, executor.timed_out(job, held.timeout or 0, self.app.tasks.get(job.task_name)))
+                      job.max_attempts, timeout)
+            self.recorder.put(job, executor.timed_out(job, timeout, self.app.tasks.get(job.task_name)))
         return len(expired)
 
     def _interrupt(self, held: _Held, exc: type[BaseException]) -> None:
