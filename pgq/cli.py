@@ -20,6 +20,7 @@ import psycopg
 from . import control, db, doctor, grants, inspection, migrate, periodic, pruner, sql
 from .app import App
 from .errors import ConfigurationError, Error, JobNotFound
+from .humanize import duration
 from .states import ALL
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -265,7 +266,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         return
     states = [str(s) for s in ALL]
     header = ["queue", *states, "oldest due"]
-    table = [[q, *(str(e["counts"][s]) for s in states), _age(e["oldest_due"])] for q, e in sorted(queues.items())]
+    table = [[q, *(str(e["counts"][s]) for s in states), duration(e["oldest_due"])] for q, e in sorted(queues.items())]
     if not table:
         table = [["(no jobs)", *("0" for _ in states), "-"]]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
@@ -506,9 +507,9 @@ def periodic_list_cmd(ctx: click.Context, as_json: bool) -> None:
     table = []
     for s in statuses:
         next_fire = "-" if s.next_fire is None else (
-            f"{_local(s.next_fire, s.zone)} (in {_age(s.next_fire - now)})")
+            f"{_local(s.next_fire, s.zone)} (in {duration(s.next_fire - now)})")
         last_tick = "never" if s.last_tick is None else (
-            f"{_local(s.last_tick, s.zone)} ({_age(now - s.last_tick)} ago)")
+            f"{_local(s.last_tick, s.zone)} ({duration(now - s.last_tick)} ago)")
         last_job = "-" if s.last_job_id is None else f"{s.last_job_id} {s.last_job_status or '(pruned)'}"
         table.append([s.name, s.task_name, s.when, next_fire, last_tick, last_job])
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
@@ -617,7 +618,7 @@ def jobs_list_cmd(ctx: click.Context, queue: str | None, task_name: str | None, 
         return
     header = ["id", "queue", "task", "status", "tries", "age", "ran", "last error"]
     table = [[str(r["id"]), r["queue"], r["task_name"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
-              _dur(r["age"]), _dur(r["ran_for"]), _one_line(r["last_error"])] for r in rows]
+              duration(r["age"]), duration(r["ran_for"]), _one_line(r["last_error"])] for r in rows]
     for line in _table(header, table, shrink=(7, 2, 1), right=(0, 4, 5, 6)):
         click.echo(line)
     first = (page - 1) * limit + 1
@@ -646,15 +647,15 @@ def jobs_show_cmd(ctx: click.Context, job_id: int, as_json: bool) -> None:
                    + ("  cancellation requested" if job["cancel_requested_at"] and job["status"] == "running" else "")),
         ("args", json.dumps(job["args"], ensure_ascii=False)),
         ("kwargs", json.dumps(job["kwargs"], ensure_ascii=False)),
-        ("enqueued", f"{_ts(job['created_at'])}  ({_dur(t['age'])} ago)"),
-        ("due", _ts(job["run_at"]) + (f"  (in {_dur(t['due_in'])})" if t["due_in"] else "")),
+        ("enqueued", f"{_ts(job['created_at'])}  ({duration(t['age'])} ago)"),
+        ("due", _ts(job["run_at"]) + (f"  (in {duration(t['due_in'])})" if t["due_in"] else "")),
         ("started", "-" if job["started_at"] is None else
-         f"{_ts(job['started_at'])}  (latest attempt; waited {_dur(t['waited'])} once due)"),
+         f"{_ts(job['started_at'])}  (latest attempt; waited {duration(t['waited'])} once due)"),
         ("finished", "-" if job["finished_at"] is None else
-         f"{_ts(job['finished_at'])}  (ran {_dur(t['ran'])}; {_dur(t['total'])} after it was enqueued)"),
+         f"{_ts(job['finished_at'])}  (ran {duration(t['ran'])}; {duration(t['total'])} after it was enqueued)"),
     ]
     if job["status"] == "running":
-        lines.append(("running", f"for {_dur(t['ran'])}; lease left {_dur(t['lease_left'])}"))
+        lines.append(("running", f"for {duration(t['ran'])}; lease left {duration(t['lease_left'])}"))
     lines.append(("worker", job["worker_id"] or "-"))
     if job["unique_key"]:
         lines.append(("unique key", job["unique_key"]))
@@ -702,8 +703,8 @@ def workers_cmd(ctx: click.Context, as_json: bool) -> None:
         return
     header = ["worker", "queues", "concurrency", "running", "up", "heartbeat", "state"]
     now_rows = [[r["id"], ",".join(r["queues"]), str(r["concurrency"]), str(r["running_jobs"]),
-                 _dur(r["last_heartbeat_at"] - r["started_at"] + r["since_heartbeat"]),
-                 f"{_dur(r['since_heartbeat'])} ago", "alive" if r["alive"] else "STALE"] for r in rows]
+                 duration(r["last_heartbeat_at"] - r["started_at"] + r["since_heartbeat"]),
+                 f"{duration(r['since_heartbeat'])} ago", "alive" if r["alive"] else "STALE"] for r in rows]
     for line in _table(header, now_rows, shrink=(1, 0), right=(2, 3, 4, 5)):
         click.echo(line)
     alive = sum(1 for r in rows if r["alive"])
@@ -800,19 +801,6 @@ def _table(header: list[str], rows: list[list[str]], *, shrink: tuple[int, ...] 
     return out
 
 
-def _dur(delta: timedelta | None) -> str:
-    if delta is None:
-        return "-"
-    seconds = max(0.0, delta.total_seconds())
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _ts(t: Any) -> str:
@@ -841,15 +829,6 @@ def _local(t: Any, zone: Any) -> str:
     return t.astimezone(zone).isoformat(sep=" ", timespec="seconds")
 
 
-def _age(delta: timedelta | None) -> str:
-    if delta is None:
-        return "-"
-    seconds = delta.total_seconds()
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import DatabaseUnavailable
+from .humanize import error_line
 
 #: Seconds to wait for a connection unless the URL says otherwise (connect_timeout=…).
 CONNECT_TIMEOUT = 10
@@ -62,13 +63,10 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwarg
             **kwargs,
         )
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+        raise DatabaseUnavailable(f"cannot connect to the database: {error_line(exc)}") from exc
     return conn
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else type(exc).__name__
 
 
 def describe_url(url: str) -> str:

@@ -25,6 +25,7 @@ import psycopg.errors
 from alembic.script import ScriptDirectory
 
 from . import migrate, sql
+from .humanize import duration, error_line
 
 OK, NOTE, PROBLEM = "ok", "note", "problem"
 
@@ -77,11 +78,11 @@ def examine(conn: psycopg.Connection, thresholds: Thresholds | None = None, *,
         try:
             findings += check(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
-            findings.append(Finding(name, NOTE, f"not checked: {_first_line(exc)}",
+            findings.append(Finding(name, NOTE, f"not checked: {error_line(exc)}",
                                     "run pgq doctor as a role with SELECT on pgq's tables (pgq grants --kind "
                                     "monitor), or as the schema owner"))
         except psycopg.errors.UndefinedTable as exc:
-            findings.append(Finding(name, NOTE, f"not checked: {_first_line(exc)}",
+            findings.append(Finding(name, NOTE, f"not checked: {error_line(exc)}",
                                     "the schema is older than this pgq: run pgq migrate"))
     return findings
 
@@ -109,19 +110,20 @@ def sessions(conn: psycopg.Connection, t: Thresholds) -> list[Finding]:
     rows = conn.execute(sql.DOCTOR_SESSIONS, {"max_idle": t.max_idle_in_transaction.total_seconds(),
                                               "max_xact": t.max_transaction_age.total_seconds()}).fetchall()
     if not rows:
-        return [Finding("xmin", OK, f"no transaction older than {_age(t.max_transaction_age)}, no session idle "
-                                    f"in a transaction for more than {_age(t.max_idle_in_transaction)}")]
+        return [Finding("xmin", OK, f"no transaction older than {duration(t.max_transaction_age)}, no session idle "
+                                    f"in a transaction for more than {duration(t.max_idle_in_transaction)}")]
     out = []
     for pid, user, app, client, backend_type, state, xact_age, state_age, holds, xmin_age, query in rows:
         who = f"session {pid} ({', '.join(x for x in (user, app or None, client) if x)})"
         if state and state.startswith("idle in transaction"):
-            summary = (f"{who} idle in a transaction for {_age(state_age)} (transaction open for {_age(xact_age)})"
+            summary = (f"{who} idle in a transaction for {duration(state_age)} "
+                       f"(transaction open for {duration(xact_age)})"
                        + (", holding back the xmin horizon" if holds else ", holding its locks"))
             advice = (f"end it: SELECT pg_terminate_backend({pid}); then fix the code that leaves transactions "
                       "open (commit or roll back before waiting on anything), and set "
                       "idle_in_transaction_session_timeout (e.g. '5min') for that role")
         else:
-            summary = f"{who} in a transaction for {_age(xact_age)} ({state}), holding back the xmin horizon"
+            summary = f"{who} in a transaction for {duration(xact_age)} ({state}), holding back the xmin horizon"
             advice = ("vacuum cannot remove any row version newer than its snapshot, in pgq's tables too: end it "
                       f"if it is not needed (SELECT pg_cancel_backend({pid}), or pg_terminate_backend), run long "
                       "reports on a replica, set statement_timeout / transaction_timeout for such roles")
@@ -160,9 +162,9 @@ def prepared_transactions(conn: psycopg.Connection, t: Thresholds) -> list[Findi
     rows = conn.execute(sql.DOCTOR_PREPARED).fetchall()
     old = [r for r in rows if r[3] > t.max_transaction_age]
     if not old:
-        return [Finding("prepared", OK, f"no prepared transaction older than {_age(t.max_transaction_age)}")]
+        return [Finding("prepared", OK, f"no prepared transaction older than {duration(t.max_transaction_age)}")]
     return [Finding("prepared", PROBLEM, f"prepared transaction {gid!r} (database {database}, owner {owner}) "
-                    f"is {_age(age)} old, holding back the xmin horizon and its locks",
+                    f"is {duration(age)} old, holding back the xmin horizon and its locks",
                     f"its transaction manager should finish it; if it is lost: COMMIT PREPARED '{gid}' or "
                     f"ROLLBACK PREPARED '{gid}' (in database {database})",
                     [{"gid": gid, "database": database, "owner": owner, "age": age, "xmin_age_xids": xmin_age}])
@@ -178,7 +180,7 @@ def vacuum(conn: psycopg.Connection) -> list[Finding]:
         detail = {"table": f"pgq.{name}", "live_rows": live, "dead_rows": dead, "dead_ratio": round(ratio, 3),
                   "last_autovacuum": last_auto, "last_vacuum": last_manual, "autovacuum_count": vacuums}
         if dead >= MIN_DEAD and ratio > MAX_DEAD_RATIO:
-            last = "never vacuumed" if since is None else f"last vacuumed {_age(since)} ago"
+            last = "never vacuumed" if since is None else f"last vacuumed {duration(since)} ago"
             out.append(Finding("vacuum", PROBLEM, f"pgq.{name}: {dead:,} dead row versions, {ratio:.0%} of the table "
                                f"({last})", "vacuum is behind or blocked: first clear the xmin findings above (a "
                                f"dead row newer than the oldest snapshot cannot be removed), then VACUUM (VERBOSE) "
@@ -189,7 +191,7 @@ def vacuum(conn: psycopg.Connection) -> list[Finding]:
     if not out:
         main = [d for d in healthy if d["table"] in ("pgq.jobs", "pgq.results")]
         summary = ", ".join(f"{d['table']} {d['dead_rows']:,} dead ({d['dead_ratio']:.0%}), last autovacuum "
-                            + (f"{_age(now - d['last_autovacuum'])} ago" if d["last_autovacuum"] else "never")
+                            + (f"{duration(now - d['last_autovacuum'])} ago" if d["last_autovacuum"] else "never")
                             for d in main) or "no statistics yet"
         out.append(Finding("vacuum", OK, f"dead row versions under control: {summary}", details=healthy))
     return out
@@ -232,14 +234,15 @@ def stuck_leases(conn: psycopg.Connection, t: Thresholds) -> list[Finding]:
     stuck, oldest, alive = conn.execute(sql.DOCTOR_STUCK, {"after": t.stuck_after.total_seconds()}).fetchone() \
         or (0, None, 0)
     if not stuck:
-        return [Finding("leases", OK, f"no job running more than {_age(t.stuck_after)} past its lease")]
+        return [Finding("leases", OK, f"no job running more than {duration(t.stuck_after)} past its lease")]
     detail = [{"stuck_jobs": stuck, "oldest_expired_for": oldest, "live_workers": alive}]
     if not alive:
         return [Finding("leases", PROBLEM, f"{stuck} job(s) running past their lease (the oldest expired "
-                        f"{_age(oldest)} ago) and no live worker to rescue them",
+                        f"{duration(oldest)} ago) and no live worker to rescue them",
                         "start a worker (any queue): every worker rescues expired leases within its "
                         "--rescue-interval; SELECT * FROM pgq.stuck_jobs lists them", detail)]
-    return [Finding("leases", PROBLEM, f"{stuck} job(s) running past their lease (the oldest expired {_age(oldest)} "
+    return [Finding("leases", PROBLEM, f"{stuck} job(s) running past their lease (the oldest expired "
+                    f"{duration(oldest)} "
                     f"ago) although {alive} worker(s) are alive", "live workers should have rescued them: look in "
                     "their logs for 'heartbeat failed' or permission errors (the worker grants); "
                     "SELECT * FROM pgq.stuck_jobs lists them", detail)]
@@ -255,24 +258,13 @@ def pruning(conn: psycopg.Connection) -> list[Finding]:
     _, next_run, started, finished, run_by, deleted, since = prune
     detail = [{"next_run_at": next_run, "last_started_at": started, "last_finished_at": finished,
                "last_run_by": run_by, "last_deleted": deleted}]
-    return [Finding("pruning", OK, f"last pruning round {_age(since)} ago on {run_by}: {deleted:,} job(s) deleted",
+    return [Finding("pruning", OK, f"last pruning round {duration(since)} ago on {run_by}: {deleted:,} job(s) deleted",
                     details=detail)]
 
 
 # --- formatting ----------------------------------------------------------------------------------------
 
 
-def _age(value: timedelta | None) -> str:
-    if value is None:
-        return "-"
-    seconds = max(0.0, value.total_seconds())
-    if seconds < 120:
-        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _bytes(n: int) -> str:
@@ -284,9 +276,6 @@ def _bytes(n: int) -> str:
     return f"{size:.1f} TB"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _jsonable(value: Any) -> Any:

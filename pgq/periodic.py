@@ -44,6 +44,7 @@ from cronsim import CronSim, CronSimError
 
 from . import db, enqueue, migrate, sql
 from .errors import ConfigurationError, DatabaseUnavailable, EnqueueError
+from .humanize import error_line
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -514,13 +515,13 @@ class Scheduler:
                 self.run_once()
                 delay = 0.1
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                log.warning("database unavailable (scheduler): %s; retrying in %.1f s", _one_line(exc), delay)
+                log.warning("database unavailable (scheduler): %s; retrying in %.1f s", error_line(exc), delay)
                 self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             except psycopg.Error as exc:  # not an outage (a missing grant…): loud, but keep scheduling
-                log.error("scheduler failed: %s: %s; retrying in %.1f s", type(exc).__name__, _one_line(exc), delay)
+                log.error("scheduler failed: %s: %s; retrying in %.1f s", type(exc).__name__, error_line(exc), delay)
                 self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -535,7 +536,7 @@ class Scheduler:
                 self.run(install_signals=False)
             except BaseException as exc:
                 self.error = exc
-                log.error("scheduler %s stopped by an error: %s", self.id, _one_line(exc))
+                log.error("scheduler %s stopped by an error: %s", self.id, error_line(exc))
 
         thread = threading.Thread(target=target, name="pgq-beat", daemon=True)
         thread.start()
@@ -615,7 +616,3 @@ def _last(row: tuple | None) -> tuple:
 def _iso(t: datetime, zone: tzinfo) -> str:
     return t.astimezone(zone).isoformat(sep=" ", timespec="seconds")
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__

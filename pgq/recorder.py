@@ -20,6 +20,7 @@ import psycopg
 from . import db, sql
 from .errors import DatabaseUnavailable
 from .executor import Cancelled, ClaimedJob, ErrorInfo, Failed, Outcome, RetryLater, Succeeded
+from .humanize import error_line
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -94,7 +95,7 @@ class Recorder:
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
-            reason = ErrorInfo("RecordError", f"pgq could not store this job's outcome: {_one_line(exc)}", None)
+            reason = ErrorInfo("RecordError", f"pgq could not store this job's outcome: {error_line(exc)}", None)
             log.error("job %d %s: cannot store its outcome (%s); failing it", job.id, job.task_name, exc)
             try:
                 self.record(self._conn, [(job, Failed(reason))])
@@ -167,11 +168,7 @@ class Backoff:
         self.delay = 0.1
 
     def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
-        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, _one_line(exc), self.delay)
+        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, error_line(exc), self.delay)
         stop.wait(self.delay)
         self.delay = min(self.delay * 2, 5.0)
 
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else type(exc).__name__
