@@ -206,13 +206,18 @@ def migrate_cmd(ctx: click.Context) -> None:
 @click.option("--prepare/--no-prepare", default=True, envvar="PGQ_PREPARE",
               help="Use server-side prepared statements; --no-prepare for poolers that cannot keep them "
                    "(PgBouncer < 1.21 in transaction mode) [env: PGQ_PREPARE=0]")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, envvar="PGQ_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (0: any free port, logged) [env: PGQ_METRICS_PORT]")
+@click.option("--metrics-host", default="127.0.0.1", envvar="PGQ_METRICS_HOST",
+              help="Address the metrics server binds [env: PGQ_METRICS_HOST]")
 @click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
               help="Log level (same as the global -l)")
 @click.pass_context
 def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: str, poll_interval: float,
                shutdown_grace: float, listen: bool, rescue_interval: float, prefetch: int | None,
                task_timeout: float | None, prune_interval: float, prune: bool,
-               prepare: bool, loglevel: str | None, beat: bool = False, **keep: Any) -> None:
+               prepare: bool, metrics_port: int | None, metrics_host: str, loglevel: str | None,
+               beat: bool = False, **keep: Any) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
@@ -228,7 +233,8 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
     worker = app.worker(queues=queues, concurrency=concurrency, pool=pool, poll_interval=poll_interval,
                         shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval,
                         task_timeout=task_timeout, prefetch=prefetch, retention=_keep(keep),
-                        prune_interval=prune_interval if prune else None)
+                        prune_interval=prune_interval if prune else None,
+                        metrics=None if metrics_port is None else (metrics_host, metrics_port))
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")
@@ -833,3 +839,25 @@ def _local(t: Any, zone: Any) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("dashboard")
+@click.option("--host", default="127.0.0.1", envvar="PGQ_DASHBOARD_HOST", show_default=True,
+              help="Address to bind; anything but loopback exposes the dashboard to the network "
+                   "[env: PGQ_DASHBOARD_HOST]")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=5555, envvar="PGQ_DASHBOARD_PORT",
+              help="Port to serve on [env: PGQ_DASHBOARD_PORT]")
+@click.option("--token", envvar="PGQ_DASHBOARD_TOKEN", default=None, show_default=False,
+              help="Password that unlocks actions (retry, cancel, delete); without it the dashboard is read-only "
+                   "[env: PGQ_DASHBOARD_TOKEN]")
+@click.option("--read-only", is_flag=True, envvar="PGQ_DASHBOARD_READ_ONLY",
+              help="Never offer actions, whatever the token [env: PGQ_DASHBOARD_READ_ONLY=1]")
+@click.pass_context
+def dashboard_cmd(ctx: click.Context, host: str, port: int, token: str | None, read_only: bool) -> None:
+    """Serve the web dashboard: queues, jobs, workers, schedules, and actions behind a token."""
+    try:
+        from .dashboard import serve
+    except ImportError as exc:
+        raise ConfigurationError(f"the dashboard needs its extra: pip install 'pgq-jobs[dashboard]' ({exc})") from None
+    app = _app(ctx)
+    serve(app, host=host, port=port, token=token, read_only=read_only)

@@ -120,6 +120,7 @@ class Worker:
         worker_id: str | None = None,
         retention: Any = None,
         prune_interval: float | None = pruner.INTERVAL,
+        metrics: tuple[str, int] | None = None,
     ):
         if isinstance(queues, str):
             queues = [q.strip() for q in queues.split(",") if q.strip()]
@@ -165,6 +166,7 @@ class Worker:
         if self.pruner is not None and not self.pruner.enabled:
             self.pruner = None  # every state kept forever
         self._retired: set[int] = set()  # runner threads replaced after their job's timeout
+        self.metrics_address = metrics  # (host, port) to serve Prometheus metrics on, or None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
