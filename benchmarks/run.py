@@ -1114,7 +1114,11 @@ def render(rows: list[Row]) -> list[str]:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False, embedded: bool = True) -> None:
+SCENARIOS = ("enqueue", "bulk", "drain", "wake")
+
+
+def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False, embedded: bool = True,
+        only: frozenset[str] = frozenset(SCENARIOS)) -> None:
     setup = describe_setup(url, where, plan)
     if with_peers:
         setup.append(f"with peers: PgQueuer and procrastinate on this database, each peer scenario right after pgq's "
@@ -1138,7 +1142,7 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
         progress("enqueue")
         enqueue(4, 400, plan.enqueue_cap)  # warm-up: opens all of the App's pooled connections
         enqueue_runs: dict[int, list[Row]] = {1: [], 4: []}
-        for n in range(plan.runs):
+        for n in range(plan.runs if "enqueue" in only else 0):
             reset(url)  # an empty table and a fresh checkpoint for every round
             for threads, total in ((1, plan.enqueue_one), (4, plan.enqueue_four)):
                 jobs, seconds, lat = enqueue(threads, total, plan.enqueue_cap)
@@ -1150,10 +1154,11 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
                 enqueue_runs[threads].append(row)
             if peers is not None and n < plan.peer_runs:
                 peers.enqueue()
-        medians = {threads: median_run(done) for threads, done in enqueue_runs.items()}
-        keyed["enqueue"] = medians[1]
-        rows.extend(medians.values())
-        if peers is not None:
+        if "enqueue" in only:
+            medians = {threads: median_run(done) for threads, done in enqueue_runs.items()}
+            keyed["enqueue"] = medians[1]
+            rows.extend(medians.values())
+        if peers is not None and "bulk" in only:
             bulk_runs = []
             for n in range(plan.runs):
                 progress(f"bulk enqueue of {plan.drain_jobs} jobs (run {n + 1} of {plan.runs})")
@@ -1170,6 +1175,8 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
                      (tasks.noop, 2, "drain: 2 workers, results stored")]
         if peers is not None:
             scenarios.append((tasks.noop_ignore, 2, "drain: 2 workers, ignore_result"))
+        if "drain" not in only:
+            scenarios = []
         runs: dict[str, list[Row]] = {label: [] for _, _, label in scenarios}
         try:
             for n in range(plan.runs):  # round robin, so drift over time hits every scenario alike
@@ -1178,7 +1185,7 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
                         continue  # a scenario that timed out is not repeated
                     progress(f"{label} (run {n + 1} of {plan.runs})")
                     runs[label].append(drain(url, plan, task, n_workers, label, logdir))
-                if peers is not None and n < plan.peer_runs:
+                if peers is not None and n < plan.peer_runs and scenarios:
                     peers.drain()
         finally:
             for task, n_workers, label in scenarios:
@@ -1186,12 +1193,13 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
                     median = median_run(runs[label])
                     keyed[f"drain{n_workers}:{'ignore_result' if task.ignore_result else 'results stored'}"] = median
                     rows.append(median)
-        progress("wake-up")
-        wake_rows = wakeup(url, plan, logdir)
-        keyed["wake"] = wake_rows[0]
-        rows.extend(wake_rows)
-        if peers is not None:
-            peers.wakeup()
+        if "wake" in only:
+            progress("wake-up")
+            wake_rows = wakeup(url, plan, logdir)
+            keyed["wake"] = wake_rows[0]
+            rows.extend(wake_rows)
+            if peers is not None:
+                peers.wakeup()
     finally:
         tasks.app.close()
         print()
@@ -1222,7 +1230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=os.environ.get("PGQ_BENCH_DATABASE_URL"),
                         help="server to use (a fresh database is created on it) [env: PGQ_BENCH_DATABASE_URL; "
                              "default: an embedded PostgreSQL in a temp dir]")
+    parser.add_argument("--only", default=",".join(SCENARIOS), metavar="SCENARIO[,SCENARIO]",
+                        help=f"run only these scenarios, of {', '.join(SCENARIOS)} [default: all]")
     args = parser.parse_args(argv)
+    only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
+    if not only or not only <= set(SCENARIOS):
+        parser.error(f"--only takes {', '.join(SCENARIOS)}; got {args.only!r}")
     plan = Plan.make(args.quick)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pgq-bench-logs-") as logs, \
@@ -1235,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f"CREATE TABLE {PGBENCH_TABLE} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
                              "v int NOT NULL)")
-        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url)
+        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url, only=only)
     print(f"\n  total benchmark time {time.monotonic() - began:.0f} s", flush=True)
     return 0
 

@@ -7,7 +7,8 @@ Storage choices, and why:
 - ``results`` is separate: ``get()`` polls one narrow primary-key row, and the hot ``jobs`` rows stay
   small. There is no foreign key so that pruning either table never waits on the other.
 - ``attempts`` is the fencing token: each claim increments it, and every later write for that
-  attempt says ``WHERE id = … AND attempts = … AND status = 'running'``.
+  attempt says ``WHERE id = … AND attempts = … AND lease_expires_at IS NOT NULL`` (a lease exists
+  exactly while the job runs: jobs_running_lease_check and jobs_lease_running_check).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ jobs = Table(
         "status <> 'running' OR (lease_expires_at IS NOT NULL AND worker_id IS NOT NULL)",
         name="jobs_running_lease_check",
     ),
+    # The converse: only a running job has a lease. Attempt writes are fenced on the lease (pgq/sql.py).
+    CheckConstraint("lease_expires_at IS NULL OR status = 'running'", name="jobs_lease_running_check"),
     CheckConstraint(
         "concurrency_key IS NULL OR (limited AND key_concurrency >= 1)",
         name="jobs_concurrency_key_check",
