@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from . import serialization, sql
+from . import metrics, serialization, sql
 from .errors import EnqueueError
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -236,6 +236,7 @@ def insert_many(connection: Any, specs: Sequence[JobSpec]) -> list[int]:
             "key_concurrency": [s.key_concurrency for s in chunk],
         }
         ids.extend(row[0] for row in execute(connection, sql.ENQUEUE_MANY, params))
+    metrics.enqueued_many(specs)
     return ids
 
 
@@ -279,7 +280,9 @@ def insert(connection: Any, spec: JobSpec) -> int:
     Nothing is committed here: the job exists only if the caller commits."""
     if spec.unique_key is not None:
         return write(connection, spec)[0]
-    return int(execute(connection, sql.ENQUEUE, spec.params())[0][0])
+    job_id = int(execute(connection, sql.ENQUEUE, spec.params())[0][0])
+    metrics.enqueued(spec.task_name, spec.queue)
+    return job_id
 
 
 def write(connection: Any, spec: JobSpec) -> tuple[int, bool]:
@@ -313,6 +316,8 @@ def _write_unique(connection: Any, spec: JobSpec) -> tuple[int, bool]:
     for _ in range(UNIQUE_TRIES):
         rows = execute(connection, sql.ENQUEUE_UNIQUE, params)
         if rows:
+            if rows[0][1]:  # inserted, not the existing job's id
+                metrics.enqueued(spec.task_name, spec.queue)
             return int(rows[0][0]), bool(rows[0][1])
     raise EnqueueError(f"cannot enqueue {spec.task_name}: the job holding unique key {spec.unique_key!r} kept "
                        f"finishing and being replaced while this enqueue ran ({UNIQUE_TRIES} tries)")

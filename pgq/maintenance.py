@@ -87,7 +87,9 @@ class Keeper:
         self.heartbeat(conn)
         if time.monotonic() - self._last_rescue >= self.worker.rescue_interval:
             self._last_rescue = time.monotonic()
-            if rescue_expired(conn):
+            rescued = rescue_expired(conn)
+            if rescued:
+                self.worker.metrics.leases_rescued(rescued)
                 self.worker._wake.set()
             conn.execute(sql.WORKERS_FORGET_STALE, {"after": FORGET_WORKERS_AFTER})
             self.limits_upkeep(conn)

@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from cronsim import CronSim, CronSimError
 
-from . import db, enqueue, migrate, sql
+from . import db, enqueue, metrics, migrate, sql
 from .errors import ConfigurationError, DatabaseUnavailable, EnqueueError
 from .humanize import error_line
 from .tasks import Task
@@ -459,6 +459,7 @@ class Scheduler:
                                                          "tick_at": tick}).fetchone()
                 assert row is not None
                 fired.append(Fired(schedule.name, tick, int(row[0])))
+        metrics.enqueued(spec.task_name, spec.queue, len(fired))
         for f in fired:
             log.info("periodic %s: tick %s enqueued as job %d (%s)", f.schedule, _iso(f.tick, schedule.zone),
                      f.job_id, spec.task_name)

@@ -37,6 +37,7 @@ import psycopg
 from . import db, executor, limits, maintenance, migrate, pruner, sql
 from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
+from .metrics import worker_metrics
 from .recorder import Backoff, Recorder
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class Worker:
             self.pruner = None  # every state kept forever
         self._retired: set[int] = set()  # runner threads replaced after their job's timeout
         self.metrics_address = metrics  # (host, port) to serve Prometheus metrics on, or None
+        self.metrics = worker_metrics(self)  # hooks; no-ops (and no prometheus_client) without an address
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -181,11 +183,13 @@ class Worker:
             self._install_signals()
         log.info("worker %s started: queues=%s concurrency=%d pool=%s listen=%s",
                  self.id, ",".join(self.queues), self.concurrency, self.pool, self.listen)
+        self.metrics.start()
         self._start_threads()
         try:
             self._claim_loop()
         finally:
             self._shutdown()
+            self.metrics.stop()
 
     @contextmanager
     def running(self) -> Iterator[Worker]:
@@ -405,6 +409,7 @@ class Worker:
             for job_id in ids:
                 held = self._held.pop(job_id, None)
                 if held is not None:
+                    self.metrics.lease_lost(held.job)
                     log.warning("job %d %s: lease lost (rescued by another worker after it expired); "
                                 "its outcome here will be discarded", job_id, held.job.task_name)
 
@@ -436,6 +441,7 @@ class Worker:
         if timeout:
             self.keeper.tick_by(started + timeout)
         log.info("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
+        self.metrics.job_started(job)
         outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
         elapsed = time.monotonic() - started
         self._job_seconds += 0.05 * (elapsed - self._job_seconds)  # races between runners only blur it
@@ -462,6 +468,7 @@ class Worker:
         else:
             log.error("job %d %s failed for good on attempt %d/%d in %.1f ms: %s", job.id, job.task_name,
                       job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary())
+        self.metrics.job_finished(job, outcome, elapsed)
         self.recorder.put(job, outcome)
 
     # --- timeouts ------------------------------------------------------------------------------
@@ -495,7 +502,9 @@ class Worker:
         for job, timeout in expired:
             log.error("job %d %s attempt %d/%d exceeded its timeout of %g s", job.id, job.task_name, job.attempt,
                       job.max_attempts, timeout)
-            self.recorder.put(job, executor.timed_out(job, timeout, self.app.tasks.get(job.task_name)))
+            outcome = executor.timed_out(job, timeout, self.app.tasks.get(job.task_name))
+            self.metrics.job_finished(job, outcome, timeout)
+            self.recorder.put(job, outcome)
         return len(expired)
 
     def _interrupt(self, held: _Held, exc: type[BaseException]) -> None:
@@ -534,7 +543,9 @@ class Worker:
             job = held.job
             log.warning("job %d %s attempt %d/%d cancelled%s", job.id, job.task_name, job.attempt, job.max_attempts,
                         "" if held.started is not None else " before it started")
-            self.recorder.put(job, executor.cancelled(job))
+            outcome = executor.cancelled(job)
+            self.metrics.job_finished(job, outcome, None if held.started is None else time.monotonic() - held.started)
+            self.recorder.put(job, outcome)
         return len(ended)
 
     # --- recording outcomes (see pgq.recorder) ----------------------------------------------
