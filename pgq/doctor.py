@@ -22,7 +22,6 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from alembic.script import ScriptDirectory
 
 from . import migrate, sql
 from .humanize import duration, error_line
@@ -98,6 +97,8 @@ def schema(conn: psycopg.Connection) -> list[Finding]:
                         "run `pgq migrate` (as the role that should own the pgq schema)")]
     if current == head:
         return [Finding("schema", OK, f"schema at revision {current}, as this pgq expects")]
+    from alembic.script import ScriptDirectory
+
     known = {r.revision for r in ScriptDirectory.from_config(migrate.alembic_config()).walk_revisions()}
     if current in known:
         return [Finding("schema", PROBLEM, f"schema at revision {current}, this pgq needs {head}",

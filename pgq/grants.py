@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from .schema import SCHEMA
+from .sql import SCHEMA
 
 KINDS = ("producer", "worker", "scheduler", "control", "monitor")
 

@@ -31,9 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from .sql import SCHEMA
 from .states import ALL, TERMINAL, WAITING, JobStatus
-
-SCHEMA = "pgq"
 
 metadata = MetaData(schema=SCHEMA)
 

@@ -8,6 +8,8 @@ database clock: Python sends durations, never timestamps to compare against.
 
 from __future__ import annotations
 
+SCHEMA = "pgq"  # written into every statement below; pgq.schema declares the same name
+
 # Whether a job goes through the limited claim (see pgq.limits): it carries a concurrency key, or its
 # queue or its task has a row in pgq.limits (one primary-key probe, 3 µs). Shared by the enqueues of one job.
 LIMITED = """({key} IS NOT NULL OR EXISTS (SELECT 1 FROM pgq.limits AS lim

@@ -112,3 +112,14 @@ def test_wheel_ships_the_migrations_and_they_run_from_it(tmp_path, empty_db_url)
     assert Path(out.stdout.strip()) == site / "pgq" / "migrations"
     with psycopg.connect(empty_db_url) as conn:
         assert migrate.current_revision(conn) == migrate.head_revision()
+
+
+def test_head_revision_is_alembics_head_without_importing_alembic():
+    from alembic.script import ScriptDirectory
+
+    assert migrate.head_revision() == ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
+    # What a worker process imports: neither SQLAlchemy nor Alembic (27 MB of resident memory).
+    code = ("import sys, pgq.cli, pgq.worker; from pgq import migrate; migrate.head_revision(); "
+            "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
