@@ -846,18 +846,30 @@ if __name__ == "__main__":  # pragma: no cover
               help="Address to bind; anything but loopback exposes the dashboard to the network "
                    "[env: PGQ_DASHBOARD_HOST]")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=5555, envvar="PGQ_DASHBOARD_PORT",
-              help="Port to serve on [env: PGQ_DASHBOARD_PORT]")
+              help="Port to serve on; 0 picks a free one (the URL is printed) [env: PGQ_DASHBOARD_PORT]")
 @click.option("--token", envvar="PGQ_DASHBOARD_TOKEN", default=None, show_default=False,
               help="Password that unlocks actions (retry, cancel, delete); without it the dashboard is read-only "
                    "[env: PGQ_DASHBOARD_TOKEN]")
 @click.option("--read-only", is_flag=True, envvar="PGQ_DASHBOARD_READ_ONLY",
               help="Never offer actions, whatever the token [env: PGQ_DASHBOARD_READ_ONLY=1]")
+@click.option("--root-path", default="", envvar="PGQ_DASHBOARD_ROOT_PATH", metavar="PATH",
+              help="The path prefix a reverse proxy serves the dashboard under, e.g. /pgq "
+                   "[env: PGQ_DASHBOARD_ROOT_PATH]")
 @click.pass_context
-def dashboard_cmd(ctx: click.Context, host: str, port: int, token: str | None, read_only: bool) -> None:
-    """Serve the web dashboard: queues, jobs, workers, schedules, and actions behind a token."""
+def dashboard_cmd(ctx: click.Context, host: str, port: int, token: str | None, read_only: bool,
+                  root_path: str) -> None:
+    """Serve the web dashboard: queues, jobs, workers, schedules, and actions behind a token.
+
+    Reading needs no sign-in: keep it on 127.0.0.1 (the default) or behind a proxy that authenticates.
+    See docs/dashboard.md."""
     try:
         from .dashboard import serve
     except ImportError as exc:
         raise ConfigurationError(f"the dashboard needs its extra: pip install 'pgq-jobs[dashboard]' ({exc})") from None
+    root_path = root_path.strip().rstrip("/")
+    if root_path and not root_path.startswith("/"):
+        raise click.BadParameter("must start with /", param_hint="--root-path")
+    setup_logging(ctx.find_root().obj["loglevel"])
     app = _app(ctx)
-    serve(app, host=host, port=port, token=token, read_only=read_only)
+    serve(app, host=host, port=port, token=token or None, read_only=read_only, root_path=root_path,
+          log_level=str(ctx.find_root().obj["loglevel"]).lower())
