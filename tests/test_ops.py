@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import psycopg
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import pgq
-from pgq import doctor, grants
+from pgq import control, doctor, grants
 from pgq.cli import main
 from tests import apps
 from tests.helpers import scalar, wait_for
@@ -299,3 +300,35 @@ def test_monitor_grants_cover_the_views():
     for view in VIEW_COLUMNS:
         assert f'GRANT SELECT ON "pgq"."{view}" TO "dash";' in text
     assert "INSERT" not in text and "UPDATE" not in text and "DELETE" not in text
+
+
+# --- long operations: bounded batches, progress -----------------------------------------------------
+
+
+def test_bulk_retry_of_20000_jobs_commits_1000_at_a_time_and_shows_progress(conn, runner, db_url):
+    conn.execute("""
+        INSERT INTO pgq.jobs (task_name, status, attempts, max_attempts, started_at, finished_at, last_error)
+        SELECT 'tests.fail', 'failed', 2, 2, now(), now(), 'ValueError: kaput' FROM generate_series(1, 20000)
+    """)
+    conn.execute("INSERT INTO pgq.jobs (task_name, status, finished_at) VALUES ('tests.add', 'failed', now())")
+    result = cli(runner, db_url, "retry", "--failed", "--task", "tests.fail")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["requeued 20000 failed job(s) of tests.fail"]
+    progress = result.stderr.splitlines()
+    assert progress[0] == "requeued 1,000 job(s) so far (1 batch(es))"  # the first batch, then once a second
+    assert all(re.fullmatch(r"requeued [\d,]+ job\(s\) so far \([\d,]+ batch\(es\)\)", line) for line in progress)
+    # Each batch was its own transaction: the rows it requeued carry its transaction id (xmin).
+    per_transaction = [n for (n,) in conn.execute(
+        "SELECT count(*) FROM pgq.jobs WHERE task_name = 'tests.fail' GROUP BY xmin::text")]
+    assert sum(per_transaction) == 20000 and len(per_transaction) == 20 and max(per_transaction) == 1000
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'queued'") == 20000
+
+    # The library call reports each batch as it commits.
+    conn.execute("UPDATE pgq.jobs SET status = 'failed', finished_at = now() WHERE task_name = 'tests.fail'")
+    calls = []
+    with psycopg.connect(db_url, autocommit=True) as c:
+        assert control.requeue_matching(c, task_name="tests.fail", batch=4000,
+                                        progress=lambda done, skipped: calls.append((done, skipped))) == (20000, 0)
+    assert calls == [(4000 * i, 0) for i in range(1, 6)]
+    with psycopg.connect(db_url) as c, pytest.raises(ValueError, match="autocommit"):
+        control.requeue_matching(c, task_name="tests.fail")
