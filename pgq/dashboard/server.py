@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from .. import db, migrate
@@ -36,11 +40,33 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 5555, token: str | N
     asgi = create_app(url, token=token, read_only=read_only, app=app)
     config = uvicorn.Config(asgi, log_level=log_level, root_path=root_path, proxy_headers=True,
                             server_header=False, access_log=log_level == "debug")
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end it with exit code 0, like `pgq worker`: uvicorn
+        raises the signal again once it has shut down, so the process would die of it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def bind(host: str, port: int) -> socket.socket:

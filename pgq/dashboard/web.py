@@ -76,15 +76,17 @@ NOTICES = {
 
 
 def create_app(database_url: str, *, token: str | None = None, read_only: bool = False,
-               app: Any = None, pool_size: int = 4) -> Starlette:
+               app: Any = None, pool_size: int = 4, refresh_seconds: float = REFRESH_SECONDS) -> Starlette:
     """The dashboard as an ASGI application. *app* (a pgq.App) adds its tasks' queues and its periodic
     schedules to the pages; the database alone is enough for everything else."""
-    dash = Dashboard(database_url, Guard(token, read_only=read_only), app=app, pool_size=pool_size)
+    dash = Dashboard(database_url, Guard(token, read_only=read_only), app=app, pool_size=pool_size,
+                     refresh_seconds=refresh_seconds)
     return dash.asgi
 
 
 class Dashboard:
-    def __init__(self, database_url: str, guard: Guard, *, app: Any = None, pool_size: int = 4):
+    def __init__(self, database_url: str, guard: Guard, *, app: Any = None, pool_size: int = 4,
+                 refresh_seconds: float = REFRESH_SECONDS):
         self.database_url = database_url
         self.guard = guard
         self.pgq_app = app
@@ -96,7 +98,7 @@ class Dashboard:
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                  undefined=jinja2.StrictUndefined)
         env.filters.update(duration=duration, ts=_ts, pretty=_pretty, number=_number)
-        env.globals.update(refresh_seconds=REFRESH_SECONDS, states=data.STATES, action_states=ACTION_STATES)
+        env.globals.update(refresh_seconds=f"{refresh_seconds:g}", states=data.STATES, action_states=ACTION_STATES)
         self.templates = Jinja2Templates(env=env)
         routes = [
             Route("/", self.overview_page, name="overview"),
