@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import decimal
 import importlib
-import io
 import json
 import logging
 import os
@@ -294,16 +293,16 @@ def _status_json(snapshot: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _status_view(snapshot: dict[str, Any], width: int | None = None) -> list[Any]:
+def _status_view(snapshot: dict[str, Any], width: int | None = None) -> list[str | list[Line]]:
     """`pgq status` for people: a table of the queues' jobs per state, one of the jobs finished per minute
-    (averaged over the last 1, 5 and 15 minutes, like a load average), and the workers; lines are str,
-    tables rich's (*width*: the terminal's, see _table)."""
+    (averaged over the last 1, 5 and 15 minutes, like a load average), and the workers, as _echo prints them
+    (*width*: see _table)."""
     states = list(inspection.STATES)
     queues = snapshot["queues"]
     table = [[q, *(str(e["counts"][s]) for s in states), _due(e["oldest_due"])] for q, e in queues.items()]
     if not table:
         table = [["(no jobs)", *("0" for _ in states), "-"]]
-    out: list[Any] = [_table(["queue", *states, "oldest due"], table, shrink=(0,),
+    out: list[str | list[Line]] = [_table(["queue", *states, "oldest due"], table, shrink=(0,),
                              right=tuple(range(1, len(states) + 2)), width=width)]
     labels = [label for label, _ in inspection.WINDOWS]
     rates = [[f"{q} {s}", *(_per_minute(e["finished"][label][s], minutes, s) for label, minutes in inspection.WINDOWS)]
@@ -327,12 +326,12 @@ def _status_view(snapshot: dict[str, Any], width: int | None = None) -> list[Any
     return out
 
 
-def _due(oldest: timedelta | None) -> Any:
+def _due(oldest: timedelta | None) -> Cell:
     text = duration(oldest)
     return (text, "yellow") if oldest is not None and oldest >= timedelta(minutes=1) else text
 
 
-def _per_minute(count: int, minutes: int, state: str) -> Any:
+def _per_minute(count: int, minutes: int, state: str) -> Cell:
     rate = count / minutes
     text = "0" if not rate else f"{rate:.1f}" if rate < 10 else f"{rate:,.0f}"
     return (text, "red") if rate and state == "failed" else text
@@ -402,7 +401,9 @@ def _terminal_view(interval: float) -> Iterator[Callable[[dict[str, Any], str | 
             if error:
                 parts.append(Text(f"refresh failed at {error}; this is the last snapshot", style="bold red"))
             parts.append(Text(""))
-            parts += [Text(p) if isinstance(p, str) else p for p in _status_view(snapshot, width=console.width)]
+            for part in _status_view(snapshot, width=console.width):
+                lines = [[(part, "")]] if isinstance(part, str) else part
+                parts += [Text.assemble(*line, no_wrap=True, overflow="ellipsis") for line in lines]
             live.update(Group(*parts), refresh=True)
 
         yield show
@@ -760,8 +761,9 @@ def jobs_list_cmd(ctx: click.Context, queue: str | None, task_name: str | None, 
         click.echo("(no jobs)" if page == 1 else f"(no jobs on page {page})")
         return
     header = ["id", "queue", "task", "status", "tries", "age", "ran", "last error"]
-    table = [[str(r["id"]), r["queue"], r["task_name"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
-              duration(r["age"]), duration(r["ran_for"]), _one_line(r["last_error"])] for r in rows]
+    table = [[str(r["id"]), r["queue"], r["task_name"], (r["status"], "red" if r["status"] == "failed" else ""),
+              f"{r['attempts']}/{r['max_attempts']}", duration(r["age"]), duration(r["ran_for"]),
+              _one_line(r["last_error"])] for r in rows]
     _echo(_table(header, table, shrink=(7, 2, 1), right=(0, 4, 5, 6)))
     first = (page - 1) * limit + 1
     more = f"; more: --page {page + 1}" if len(rows) == limit else ""
@@ -846,7 +848,7 @@ def workers_cmd(ctx: click.Context, as_json: bool) -> None:
     header = ["worker", "queues", "concurrency", "running", "up", "heartbeat", "state"]
     now_rows = [[r["id"], ",".join(r["queues"]), str(r["concurrency"]), str(r["running_jobs"]),
                  duration(r["last_heartbeat_at"] - r["started_at"] + r["since_heartbeat"]),
-                 f"{duration(r['since_heartbeat'])} ago", "alive" if r["alive"] else "STALE"] for r in rows]
+                 f"{duration(r['since_heartbeat'])} ago", "alive" if r["alive"] else ("STALE", "red")] for r in rows]
     _echo(_table(header, now_rows, shrink=(1, 0), right=(2, 3, 4, 5)))
     alive = sum(1 for r in rows if r["alive"])
     click.echo(f"\n{alive} alive, {len(rows) - alive} stale")
@@ -916,20 +918,22 @@ def _terminal_width() -> int | None:
     return None
 
 
-#: A cell of _table: its text, or (text, rich style); styles show on terminals only.
+#: A cell of _table: its text, or (text, style) with a style of words from bold, dim and a colour ("bold red").
 Cell = str | tuple[str, str]
+#: A line of _table: its (text, style) pieces; the style "" is none.
+Line = list[tuple[str, str]]
 
 
 def _table(header: list[str], rows: list[list[Cell]], *, shrink: tuple[int, ...] = (), right: tuple[int, ...] = (),
-           width: int | None = None) -> Any:
-    """A rich Table without borders, columns two spaces apart, padded to their content. When wider than
-    *width* (default: the terminal's, see _terminal_width), the *shrink* columns (in that order) are cut
-    down, their cells ending in '…', never below their header or 8 characters; the other columns never are
-    (so ids and counts stay whole, and a table that cannot fit is left wider than the terminal rather than
-    losing columns, as rich's own fitting would)."""
-    from rich.table import Table
-    from rich.text import Text
+           width: int | None = None) -> list[Line]:
+    """Columns padded to their content, two spaces apart, the header first (bold). When wider than *width*
+    (default: the terminal's, see _terminal_width), the *shrink* columns (in that order) are cut down, their
+    cells ending in '…', never below their header or 8 characters; the other columns never are, so ids and
+    counts stay whole, and a table that cannot fit is left wider than the terminal rather than losing columns.
 
+    pgq lays tables out itself, rather than with rich's Table: rich took about 1 ms per row to render (a second
+    for `pgq jobs list --limit 1000`), and its fitting shrinks every column, ids included, or drops some. Rich
+    draws the lines in the live view (`pgq status --watch`)."""
     texts = [[cell if isinstance(cell, str) else cell[0] for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *texts]) for i in range(len(header))]
     limit = width if width is not None else _terminal_width()
@@ -942,32 +946,36 @@ def _table(header: list[str], rows: list[list[Cell]], *, shrink: tuple[int, ...]
             if cut > 0:
                 widths[i] -= cut
                 excess -= cut
-    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
-    for i, (name, w) in enumerate(zip(header, widths, strict=True)):
-        table.add_column(Text(name), justify="right" if i in right else "left", width=w, no_wrap=True,
-                         overflow="ellipsis")
-    for row in rows:
-        # Text, not markup: job data ("KeyError: ['x']") is printed as it is.
-        table.add_row(*(Text(cell) if isinstance(cell, str) else Text(cell[0], style=cell[1]) for cell in row))
-    return table
+    lines = []
+    for row in [[(name, "bold") for name in header], *rows]:
+        line: Line = []
+        for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
+            text, style = (cell, "") if isinstance(cell, str) else cell
+            if len(text) > w:
+                text = text[: w - 1] + "…"
+            gap, fill = "  " if i else "", " " * (w - len(text))
+            line += [(gap + fill, ""), (text, style)] if i in right else [(gap, ""), (text, style), (fill, "")]
+        while line and not line[-1][0].strip():
+            line.pop()  # no trailing spaces
+        lines.append(line)
+    return lines
 
 
-def _echo(*parts: Any) -> None:
-    """Print lines (str) and _table tables. Styles reach terminals only; lines carry no trailing spaces."""
-    from rich.console import Console
-
+def _echo(*parts: str | list[Line]) -> None:
+    """Print lines (str) and _table tables; styles on terminals only."""
     tty = sys.stdout.isatty()
     for part in parts:
         if isinstance(part, str):
             click.echo(part)
             continue
-        # As wide as the table, so rich never refits what _table fitted; the terminal wraps what cannot fit.
-        width = sum(column.width or 0 for column in part.columns) + 2 * (len(part.columns) - 1)
-        console = Console(file=io.StringIO(), width=max(width, 1), force_terminal=tty,
-                          color_system="standard" if tty else None, highlight=False, legacy_windows=False)
-        console.print(part)
-        for line in console.file.getvalue().splitlines():
-            click.echo(line.rstrip())
+        for line in part:
+            click.echo("".join(_style(text, style) if tty and style else text for text, style in line))
+
+
+def _style(text: str, style: str) -> str:
+    words = style.split()
+    colour = next((w for w in words if w not in ("bold", "dim")), None)
+    return click.style(text, fg=colour, bold="bold" in words or None, dim="dim" in words or None)
 
 
 def _ts(t: Any) -> str:
