@@ -5,6 +5,7 @@ against states put in place with SQL, a database that cannot be read, and the co
 from __future__ import annotations
 
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -148,6 +149,16 @@ def test_worker_without_metrics_port_never_imports_prometheus_client(mapp, conn,
     wait_registered(conn, worker)
     assert metrics_apps.prometheus_loaded.delay().get(timeout=20) is False
     assert "metrics at" not in worker.output()
+
+
+def test_worker_refuses_to_start_when_its_metrics_port_is_taken(mapp, spawn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = spawn("--metrics-port", str(port))
+        assert worker.wait(timeout=30) == 1
+    assert f"Error: cannot serve metrics on 127.0.0.1:{port} (--metrics-port)" in worker.output()
 
 
 # --- the worker's own counters, driven in-process -------------------------------------------------

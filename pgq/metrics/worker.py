@@ -9,6 +9,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
 from ..executor import Cancelled, ClaimedJob, Failed, Outcome, RetryLater, Succeeded
 from .database import DatabaseCollector
 from .enqueues import EnqueueCounter
@@ -104,8 +105,8 @@ class WorkerMetrics(NoMetrics):
         host, port = self.worker.metrics_address
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+        except OSError as exc:  # the port is taken, the address is not this machine's: say so, do not run blind
+            raise ConfigurationError(f"cannot serve metrics on {host}:{port} (--metrics-port): {exc}") from exc
         self._thread.name = "pgq-metrics"
         self.enqueues.start()
         bound_host, bound_port = self._server.server_address[:2]
