@@ -7,6 +7,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -118,6 +119,27 @@ def test_overview_chart_counts_the_last_hour(client, conn):
     assert ov.chart["succeeded"][-1] == 3  # the current minute is the last point
     assert ov.last_hour == {"succeeded": 3, "failed": 1, "cancelled": 0}
     assert [f["id"] for f in ov.failures] == [old - 1, old]  # both failed within 24 hours, newest first
+
+
+def test_throughput_rereads_only_the_last_two_minutes(conn, db_url):
+    minute = scalar(conn, "SELECT date_trunc('minute', now())")
+    conn.execute("UPDATE pgq.jobs SET finished_at = %s WHERE id = %s", (minute, finished(conn, "succeeded")))
+    throughput = data.Throughput()
+    with psycopg.connect(db_url, autocommit=True) as c:
+        first = throughput.read(c, minute)
+        assert list(first) == [minute - timedelta(minutes=59 - i) for i in range(60)]
+        assert first[minute] == [("default", "succeeded", 1)]
+        # Jobs recorded now under minutes already read: the current and previous minute are read again, older
+        # ones are final and kept (such late rows never happen: finished_at is the recording transaction's time).
+        for ago in (0, 1, 5):
+            job_id = finished(conn, "failed")
+            conn.execute("UPDATE pgq.jobs SET finished_at = %s WHERE id = %s", (minute - timedelta(minutes=ago),
+                                                                                   job_id))
+        second = throughput.read(c, minute)
+    assert sorted(second[minute]) == [("default", "failed", 1), ("default", "succeeded", 1)]
+    assert second[minute - timedelta(minutes=1)] == [("default", "failed", 1)]
+    assert second[minute - timedelta(minutes=5)] == []  # kept from the first read
+    assert data.Throughput().read(conn, minute)[minute - timedelta(minutes=5)] == [("default", "failed", 1)]
 
 
 def test_job_list_filters_and_search(client, conn):

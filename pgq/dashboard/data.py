@@ -7,6 +7,7 @@ tests call them directly. Times come from the database clock.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,25 +46,65 @@ class Overview:
         return {state: sum(q[state] for q in self.queues) for state in FINISHED}
 
 
-def overview(conn: psycopg.Connection, known_queues: Iterable[str] = ()) -> Overview:
+class Throughput:
+    """Jobs finished per minute, queue and state over the last CHART_MINUTES minutes, read incrementally.
+
+    A minute's count is final once the minute is over (a job's finished_at is the time of its recording
+    transaction, which lasts milliseconds), so the counts of minutes older than the previous one are kept
+    here and only the last two minutes are read again on each refresh. The first read covers the whole
+    hour: 3 ms at 100 jobs/minute, 900 ms at 1,000,000 jobs in the hour; later reads cost two minutes' worth.
+    Jobs deleted afterwards (pruned, deleted by hand) stay counted: the chart shows what happened.
+    """
+
+    REREAD = 2  # minutes read again on every refresh: the current one and the one before
+
+    def __init__(self, minutes: int = CHART_MINUTES):
+        self.minutes = minutes
+        self._final: dict[datetime, list[tuple[str, str, int]]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, conn: psycopg.Connection, minute: datetime) -> dict[datetime, list[tuple[str, str, int]]]:
+        """Rows (queue, state, jobs) for each minute of the window ending with *minute* (the current minute,
+        from the database's clock), oldest first."""
+        start = minute - timedelta(minutes=self.minutes - 1)
+        window = [start + timedelta(minutes=i) for i in range(self.minutes)]
+        with self._lock:
+            known = {m: rows for m, rows in self._final.items() if m >= start}
+        since = start
+        while since in known and since < minute - timedelta(minutes=self.REREAD - 1):
+            since += timedelta(minutes=1)
+        fresh: dict[datetime, list[tuple[str, str, int]]] = {m: [] for m in window if m >= since}
+        # `since` comes from the database's clock (STATE_ESTIMATES' date_trunc of now()), not Python's.
+        for at, queue, status, jobs in conn.execute(queries.FINISHED_SINCE, {"since": since}).fetchall():
+            if at in fresh:
+                fresh[at].append((queue, status, jobs))
+        final_before = minute - timedelta(minutes=self.REREAD - 1)
+        with self._lock:
+            self._final = {**known, **{m: rows for m, rows in fresh.items() if m < final_before}}
+        return {m: fresh[m] if m in fresh else known.get(m, []) for m in window}
+
+
+def overview(conn: psycopg.Connection, known_queues: Iterable[str] = (),
+             throughput: Throughput | None = None) -> Overview:
     """Queues (exact counts of waiting and running jobs; finished ones over the last hour), the per-minute
     throughput chart, estimated totals per state, the latest failures and the live workers. None of it
-    reads more than the last hour of finished jobs."""
+    reads more than the last hour of finished jobs (with *throughput* kept between calls: the last two
+    minutes)."""
     now, minute, reltuples, values, freqs = conn.execute(queries.STATE_ESTIMATES).fetchone()  # type: ignore[misc]
     queues: dict[str, dict[str, Any]] = {name: _queue_row(name) for name in known_queues}
     with conn.cursor(row_factory=dict_row) as cur:
         for row in cur.execute(queries.QUEUE_DEPTHS).fetchall():
             queues.setdefault(row["queue"], _queue_row(row["queue"])).update(row)
         failures = cur.execute(queries.LATEST_FAILURES, {"limit": 10}).fetchall()
-    start = minute - timedelta(minutes=CHART_MINUTES - 1)
-    buckets = {start + timedelta(minutes=i): dict.fromkeys(FINISHED, 0) for i in range(CHART_MINUTES)}
-    for at, queue, status, jobs in conn.execute(queries.FINISHED_RECENTLY, {"minutes": CHART_MINUTES}).fetchall():
-        if at in buckets:
-            buckets[at][status] += jobs
-        queues.setdefault(queue, _queue_row(queue))[status] += jobs
-    chart: dict[str, list[float]] = {"x": [t.timestamp() for t in buckets]}
-    for state in FINISHED:
-        chart[state] = [float(counts[state]) for counts in buckets.values()]
+    chart: dict[str, list[float]] = {"x": [], **{state: [] for state in FINISHED}}
+    for at, rows in (throughput or Throughput()).read(conn, minute).items():
+        counts = dict.fromkeys(FINISHED, 0)
+        for queue, status, jobs in rows:
+            counts[status] += jobs
+            queues.setdefault(queue, _queue_row(queue))[status] += jobs
+        chart["x"].append(at.timestamp())
+        for state in FINISHED:
+            chart[state].append(float(counts[state]))
     estimates = None
     if values is not None and freqs is not None:
         estimates = dict.fromkeys(STATES, 0)

@@ -90,6 +90,7 @@ class Dashboard:
         self.database_url = database_url
         self.guard = guard
         self.pgq_app = app
+        self.throughput = data.Throughput()
         self.pool = ConnectionPool(
             database_url, min_size=1, max_size=pool_size, open=False, name="pgq-dashboard", timeout=10,
             kwargs={"autocommit": True, "application_name": "pgq-dashboard",
@@ -190,7 +191,7 @@ class Dashboard:
 
     def _overview_context(self) -> dict[str, Any]:
         with self.connection() as conn:
-            ov = data.overview(conn, self._known_queues())
+            ov = data.overview(conn, self._known_queues(), self.throughput)
         return {"ov": ov, "chart_json": json.dumps(ov.chart)}
 
     def overview_page(self, request: Request) -> Response:
@@ -379,6 +380,8 @@ class SecurityHeaders:
 
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}s'")
+    # Minutes of the chart are UTC minutes, whatever the server's TimeZone (no DST jumps in the buckets).
+    conn.execute("SET TimeZone = 'UTC'")
 
 
 def _safe_next(value: Any, request: Request) -> str:
