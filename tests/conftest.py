@@ -8,6 +8,7 @@ clones that template into a fresh database for each test.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -72,6 +73,31 @@ def _load_schema(host: str, port: int, user: str, dbname: str, password: str | N
 
 postgresql_proc = factories.postgresql_noproc(load=[_load_schema])
 postgresql = factories.postgresql("postgresql_proc")
+
+
+class _WorkerBugs(logging.Handler):
+    """Collects what an in-process worker logs only when its own bookkeeping is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("busy count drifted"):
+            self.messages.append(message)
+
+
+_worker_bugs = _WorkerBugs()
+logging.getLogger("pgq.worker").addHandler(_worker_bugs)
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_bookkeeping_bugs() -> Iterator[None]:
+    """Every in-process worker checks its kept busy count against a recount when it stops."""
+    _worker_bugs.messages.clear()
+    yield
+    assert not _worker_bugs.messages, _worker_bugs.messages
 
 
 @pytest.fixture
