@@ -4,6 +4,7 @@ Every outcome a worker counts, each with a number of attempts known in advance."
 from __future__ import annotations
 
 import sys
+import time
 
 import pgq
 
@@ -35,6 +36,24 @@ def spawn(jobs, queue):
     for _ in range(jobs):
         ok.apply_async(queue=queue)
     return jobs
+
+
+def _nap(seconds):
+    """Sleeps in short steps, so a timeout or a cancellation interrupts it at once."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@app.task(name="metrics.nap")
+def nap(seconds):
+    _nap(seconds)
+
+
+@app.task(name="metrics.too_slow", timeout=0.2, max_attempts=2, retry_backoff=0)
+def too_slow(seconds):
+    """Times out on both its attempts: one retried, one failed."""
+    _nap(seconds)
 
 
 @app.task(name="metrics.prometheus_loaded")

@@ -202,6 +202,31 @@ def test_outcomes_and_run_times_are_counted_per_task_and_queue(app):
     assert value(samples, "pgq_jobs_succeeded_total", task="tests.add", queue="other") == 0
 
 
+def test_timeouts_and_cancellations_are_counted(mapp, conn):
+    worker = mapp.worker(metrics=("127.0.0.1", 0), prune_interval=None, rescue_interval=0.2, concurrency=2)
+    with worker.running():
+        slow = metrics_apps.too_slow.delay(30)
+        napping = metrics_apps.nap.delay(30)
+        wait_for(lambda: scalar(conn, "SELECT status FROM pgq.jobs WHERE id = %s", (napping.id,)) == "running",
+                 what="the nap to start")
+        mapp.cancel(napping.id)
+        with pytest.raises(pgq.TaskFailed):
+            slow.get(timeout=20)
+        with pytest.raises(pgq.TaskCancelled):
+            napping.get(timeout=20)
+        samples = scrape(worker.metrics.url)
+
+    too_slow = {"task": "metrics.too_slow", "queue": "default"}
+    assert [value(samples, f"pgq_jobs_{name}_total", **too_slow)
+            for name in ("started", "succeeded", "retried", "failed", "cancelled")] == [2, 0, 1, 1, 0]
+    assert value(samples, "pgq_job_duration_seconds_count", **too_slow) == 2
+    assert value(samples, "pgq_job_duration_seconds_sum", **too_slow) == pytest.approx(0.4)  # its timeout, twice
+    nap = {"task": "metrics.nap", "queue": "default"}
+    assert [value(samples, f"pgq_jobs_{name}_total", **nap)
+            for name in ("started", "succeeded", "retried", "failed", "cancelled")] == [1, 0, 0, 0, 1]
+    assert value(samples, "pgq_job_duration_seconds_count", **nap) == 1
+
+
 def test_rescued_and_lost_leases_are_counted(app, conn):
     worker = app.worker(metrics=("127.0.0.1", 0), prune_interval=None)
     rescued = apps.add.delay(1, 2)
