@@ -176,7 +176,7 @@ def timeline(job: dict[str, Any]) -> list[dict[str, Any]]:
     if job["run_at"] > job["created_at"] and (job["started_at"] is None or job["run_at"] <= job["started_at"]):
         events.append({"at": job["run_at"], "what": "due", "detail": ""})
     for entry in job["errors"] or []:
-        at = _parse_time(entry.get("at"))
+        at = parse_time(entry.get("at"))
         kind = entry.get("type", "?")
         if kind == "ManualRetry":
             events.append({"at": at, "what": "retried by hand", "detail": entry.get("message", "")})
@@ -194,7 +194,8 @@ def timeline(job: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e["at"] or epoch)
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """A timestamp of the error history (JSON text written by PostgreSQL); None when it is not one."""
     if not isinstance(value, str):
         return None
     # PostgreSQL trims trailing zeros of the fraction ("…:24.20217+00:00"); Python 3.10 wants 3 or 6 digits.

@@ -98,7 +98,7 @@ class Dashboard:
             configure=_configure, check=ConnectionPool.check_connection)
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                  undefined=jinja2.StrictUndefined)
-        env.filters.update(duration=duration, ts=_ts, pretty=_pretty, number=_number)
+        env.filters.update(duration=duration, ts=_ts, pretty=_pretty, number=_number, history_ts=_history_ts)
         env.globals.update(refresh_seconds=f"{refresh_seconds:g}", states=data.STATES, action_states=ACTION_STATES)
         self.templates = Jinja2Templates(env=env)
         routes = [
@@ -406,6 +406,12 @@ def _ts(value: datetime | None) -> str:
     if value is None:
         return "-"
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _history_ts(value: Any) -> str:
+    """A time from the error history (ISO text), shown like the others; anything else as it is."""
+    parsed = data.parse_time(value)
+    return _ts(parsed) if parsed is not None else str(value)
 
 
 def _pretty(value: Any) -> str:
