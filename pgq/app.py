@@ -239,32 +239,35 @@ class App:
         set. Unique jobs are refused here: their deduplication needs a statement per job, so use
         apply_async for them. Returns the handles in the order given.
         """
-        bases: dict[tuple[str, tuple[tuple[str, Any], ...]], enqueue.JobSpec] = {}
-        specs: list[enqueue.JobSpec] = []
+        index: dict[tuple[str, tuple[tuple[str, Any], ...]], int] = {}
+        bases: list[enqueue.JobSpec] = []
+        rows: list[str] = []
+        limit = enqueue.max_payload_bytes()
         for sig in jobs:
             key = (sig.task.name, tuple(sorted(sig.options.items())))
-            base = bases.get(key)
-            if base is None:
+            i = index.get(key)
+            if i is None:
                 task = sig.task
                 if task.unique or task.unique_key is not None or "unique_key" in sig.options:
                     raise EnqueueError(f"cannot enqueue {task.name} in bulk: it is a unique job; use apply_async")
                 options = dict(sig.options)
                 if callable(task.concurrency_key) and options.get("concurrency_key") is None:
                     options.pop("key_concurrency", None)  # goes with the key each job computes, below
-                base = bases[key] = task._spec(**options)
-            spec = enqueue.with_arguments(base, sig.args, sig.kwargs)
+                i = index[key] = len(bases)
+                bases.append(task._spec(**options))
+            row = enqueue.bulk_job(i, bases[i], sig.args, sig.kwargs, limit)
             if callable(sig.task.concurrency_key) and sig.options.get("concurrency_key") is None:
-                key = sig.task.concurrency_key_for(sig.args, sig.kwargs)
-                if key is not None:
-                    spec = enqueue.with_concurrency_key(spec, key, sig.options.get("key_concurrency")
-                                                        or sig.task.key_concurrency)
-            specs.append(spec)
-        if not specs:
+                key_value = sig.task.concurrency_key_for(sig.args, sig.kwargs)
+                if key_value is not None:
+                    row = enqueue.with_concurrency_key(row, bases[i], key_value, sig.options.get("key_concurrency")
+                                                       or sig.task.key_concurrency)
+            rows.append(row)
+        if not rows:
             return []
         if connection is not None:
-            ids = enqueue.insert_many(connection, specs)
+            ids = enqueue.insert_many(connection, bases, rows)
         else:
-            ids = self.run(lambda conn: enqueue.insert_many(conn, specs), transaction=True)
+            ids = self.run(lambda conn: enqueue.insert_many(conn, bases, rows), transaction=True)
         return [AsyncResult(self, job_id) for job_id in ids]
 
     def result(self, job_id: int) -> AsyncResult:

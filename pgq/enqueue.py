@@ -3,11 +3,12 @@ connection or inside the caller's transaction."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -168,8 +169,10 @@ def build(
     )
 
 
-def with_arguments(base: JobSpec, args: Any, kwargs: Any) -> JobSpec:
-    """*base* (options already validated) with these arguments: the per-job part of a bulk enqueue."""
+def bulk_job(index: int, base: JobSpec, args: Any, kwargs: Any, limit: int) -> str:
+    """One job of a bulk enqueue as JSON text, ``[index of its base, args, kwargs]``: *base* (options
+    already validated) with these arguments, checked as for a single enqueue; *limit* is
+    max_payload_bytes(), read once per bulk enqueue."""
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise EnqueueError(f"cannot enqueue {base.task_name}: args must be a list or tuple, got {type(args).__name__}")
     kwargs = {} if kwargs is None else kwargs
@@ -178,10 +181,19 @@ def with_arguments(base: JobSpec, args: Any, kwargs: Any) -> JobSpec:
     args_json = serialization.dumps(list(args), what=f"an argument of {base.task_name}")
     kwargs_json = serialization.dumps(dict(kwargs), what=f"a keyword argument of {base.task_name}")
     size = len(args_json) + len(kwargs_json)  # characters: a lower bound of the bytes, exact for ASCII
-    if size > max_payload_bytes() or len(args_json.encode()) + len(kwargs_json.encode()) > max_payload_bytes():
-        raise EnqueueError(f"cannot enqueue {base.task_name}: arguments are over the limit of "
-                           f"{max_payload_bytes()} bytes as JSON")
-    return replace(base, args=args_json, kwargs=kwargs_json)
+    if size > limit or len(args_json.encode()) + len(kwargs_json.encode()) > limit:
+        raise EnqueueError(f"cannot enqueue {base.task_name}: arguments are over the limit of {limit} bytes as JSON")
+    return f"[{index},{args_json},{kwargs_json}]"
+
+
+def with_concurrency_key(job: str, base: JobSpec, concurrency_key: Any, key_concurrency: Any) -> str:
+    """A bulk_job() with its own concurrency key (its task computes the key from the arguments):
+    ``[index, args, kwargs, key, key_concurrency]``."""
+    try:
+        limit = concurrency_limit(concurrency_key, key_concurrency)
+    except ValueError as exc:
+        raise EnqueueError(f"cannot enqueue {base.task_name}: {exc}") from None
+    return f"{job[:-1]},{serialization.dumps(concurrency_key, what='concurrency_key')},{limit}]"
 
 
 def concurrency_limit(concurrency_key: Any, key_concurrency: Any) -> int | None:
@@ -199,44 +211,30 @@ def concurrency_limit(concurrency_key: Any, key_concurrency: Any) -> int | None:
     return 1 if key_concurrency is None else check_concurrency(key_concurrency, "key_concurrency")
 
 
-def with_concurrency_key(spec: JobSpec, concurrency_key: Any, key_concurrency: Any) -> JobSpec:
-    """*spec* (validated) with this concurrency key: the per-job part of a bulk enqueue whose task computes
-    its key from the arguments."""
-    try:
-        limit = concurrency_limit(concurrency_key, key_concurrency)
-    except ValueError as exc:
-        raise EnqueueError(f"cannot enqueue {spec.task_name}: {exc}") from None
-    return replace(spec, concurrency_key=concurrency_key, key_concurrency=limit)
-
-
 #: Jobs per INSERT in a bulk enqueue: large enough to amortize the round trip, small enough that one
 #: statement's arrays stay a few MB.
 BULK_CHUNK = 5000
 
 
-def insert_many(connection: Any, specs: Sequence[JobSpec]) -> list[int]:
-    """Insert *specs* (no unique keys) with one statement per BULK_CHUNK jobs, inside the caller's
-    transaction; returns the ids in the order of *specs*."""
+def insert_many(connection: Any, bases: Sequence[JobSpec], jobs: Sequence[str]) -> list[int]:
+    """Insert *jobs* (bulk_job() texts, each naming its entry of *bases*; no unique keys) with one
+    statement per BULK_CHUNK jobs, inside the caller's transaction; returns the ids in the order of *jobs*.
+
+    Each statement takes two parameters, the jobs and their bases as JSON documents, which PostgreSQL
+    takes apart (jsonb_array_elements): a job costs the producer one f-string, where thirteen parallel
+    arrays, one per column, cost psycopg's array dumper about 20 us per job, half the time of a bulk
+    enqueue of 20,000 jobs (cProfile)."""
+    base_json = json.dumps([{
+        "i": i, "queue": b.queue, "task_name": b.task_name, "priority": b.priority, "max_attempts": b.max_attempts,
+        "retry_backoff": b.retry_backoff, "lease_seconds": b.lease_seconds, "ignore_result": b.ignore_result,
+        "eta": None if b.eta is None else b.eta.isoformat(), "countdown": b.countdown,
+        "concurrency_key": b.concurrency_key, "key_concurrency": b.key_concurrency,
+    } for i, b in enumerate(bases)], ensure_ascii=False)
     ids: list[int] = []
-    for start in range(0, len(specs), BULK_CHUNK):
-        chunk = specs[start:start + BULK_CHUNK]
-        params = {
-            "queue": [s.queue for s in chunk],
-            "task_name": [s.task_name for s in chunk],
-            "args": [s.args for s in chunk],
-            "kwargs": [s.kwargs for s in chunk],
-            "priority": [s.priority for s in chunk],
-            "max_attempts": [s.max_attempts for s in chunk],
-            "retry_backoff": [s.retry_backoff for s in chunk],
-            "lease_seconds": [s.lease_seconds for s in chunk],
-            "ignore_result": [s.ignore_result for s in chunk],
-            "eta": [None if s.eta is None else s.eta.isoformat() for s in chunk],
-            "countdown": [s.countdown for s in chunk],
-            "concurrency_key": [s.concurrency_key for s in chunk],
-            "key_concurrency": [s.key_concurrency for s in chunk],
-        }
-        ids.extend(row[0] for row in execute(connection, sql.ENQUEUE_MANY, params))
-    metrics.enqueued_many(specs)
+    for start in range(0, len(jobs), BULK_CHUNK):
+        chunk = "[" + ",".join(jobs[start:start + BULK_CHUNK]) + "]"
+        ids.extend(row[0] for row in execute(connection, sql.ENQUEUE_MANY, {"jobs": chunk, "bases": base_json}))
+    metrics.enqueued_many(bases, jobs)
     return ids
 
 

@@ -12,6 +12,8 @@ from .errors import SerializationError
 # A NUL character in a string, as json.dumps writes it: "\u0000" preceded by an even number of
 # backslashes (an odd number means the backslash before "u0000" is itself an escaped backslash).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# One encoder for every dumps(): json.dumps() with options builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def dumps(value: Any, *, what: str) -> str:
@@ -21,7 +23,7 @@ def dumps(value: Any, *, what: str) -> str:
     its escape) and lone surrogates (not UTF-8) — so the problem surfaces here, naming the value, and
     not as a database error in the middle of recording other jobs' outcomes."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(value)
         text.encode("utf-8")
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None

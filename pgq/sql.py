@@ -36,19 +36,19 @@ RETURNING id
 ENQUEUE_MANY = """
 INSERT INTO pgq.jobs (queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
                       lease_seconds, ignore_result, run_at, concurrency_key, key_concurrency, limited)
-SELECT t.queue, t.task_name, t.args::jsonb, t.kwargs::jsonb, t.priority, t.max_attempts, t.retry_backoff,
-       t.lease_seconds, t.ignore_result,
-       COALESCE(t.eta::timestamptz, now() + make_interval(secs => COALESCE(t.countdown, 0))),
-       t.concurrency_key, t.key_concurrency,
-       t.concurrency_key IS NOT NULL OR 'queue:' || t.queue = ANY(lim.keys) OR 'task:' || t.task_name = ANY(lim.keys)
-FROM unnest(%(queue)s::text[], %(task_name)s::text[], %(args)s::text[], %(kwargs)s::text[],
-            %(priority)s::smallint[], %(max_attempts)s::int[], %(retry_backoff)s::float8[],
-            %(lease_seconds)s::int[], %(ignore_result)s::bool[], %(eta)s::text[], %(countdown)s::float8[],
-            %(concurrency_key)s::text[], %(key_concurrency)s::int[])
-     WITH ORDINALITY AS t(queue, task_name, args, kwargs, priority, max_attempts, retry_backoff,
-                          lease_seconds, ignore_result, eta, countdown, concurrency_key, key_concurrency, n)
+SELECT b.queue, b.task_name, e.job -> 1, e.job -> 2, b.priority, b.max_attempts, b.retry_backoff,
+       b.lease_seconds, b.ignore_result, COALESCE(b.eta, now() + make_interval(secs => COALESCE(b.countdown, 0))),
+       k.concurrency_key, COALESCE((e.job ->> 4)::int, b.key_concurrency),
+       k.concurrency_key IS NOT NULL OR 'queue:' || b.queue = ANY(lim.keys) OR 'task:' || b.task_name = ANY(lim.keys)
+FROM jsonb_array_elements(%(jobs)s::jsonb) WITH ORDINALITY AS e(job, n)
+JOIN jsonb_to_recordset(%(bases)s::jsonb)
+     AS b(i int, queue text, task_name text, priority smallint, max_attempts int, retry_backoff float8,
+          lease_seconds int, ignore_result bool, eta timestamptz, countdown float8, concurrency_key text,
+          key_concurrency int)
+  ON b.i = (e.job ->> 0)::int
+CROSS JOIN LATERAL (SELECT COALESCE(e.job ->> 3, b.concurrency_key) AS concurrency_key) AS k
 CROSS JOIN (SELECT ARRAY(SELECT key FROM pgq.limits WHERE NOT starts_with(key, 'key:')) AS keys) AS lim
-ORDER BY t.n
+ORDER BY e.n
 RETURNING id
 """
 

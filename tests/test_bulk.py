@@ -62,3 +62,16 @@ def test_enqueue_many_inside_the_callers_transaction(app, conn, db_url, outcome)
         assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 0
         own.commit() if outcome == "commit" else own.rollback()
     assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == (50 if outcome == "commit" else 0)
+
+
+def test_hostile_arguments_and_options_round_trip_in_bulk(app, conn):
+    """Jobs travel to PostgreSQL inside one JSON document: whatever a job holds must come back as given."""
+    nasty = ["'; DROP TABLE pgq.jobs; --", '"],[0,[1],{}]', "\\u0000 is text here", "back\\slash", "😀 ü 中",
+             "\n\t\r", "]", "[", "{}", ""]
+    queue = "q.with-odd_chars:1"
+    handles = app.enqueue_many([apps.echo.s(v, {"k": v}).set(queue=queue) for v in nasty] +
+                               [apps.echo.signature((1,), {(v or "empty"): v for v in nasty})])
+    rows = conn.execute("SELECT id, queue, args, kwargs FROM pgq.jobs ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == [h.id for h in handles]
+    assert [(r[1], r[2], r[3]) for r in rows[:-1]] == [(queue, [v, {"k": v}], {}) for v in nasty]
+    assert rows[-1][1:] == ("default", [1], {v or "empty": v for v in nasty})

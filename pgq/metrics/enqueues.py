@@ -25,11 +25,12 @@ def enqueued(task_name: str, queue: str, jobs: int = 1) -> None:
         counter.add(task_name, queue, jobs)
 
 
-def enqueued_many(specs: Sequence[JobSpec]) -> None:
-    """A bulk enqueue wrote *specs*."""
+def enqueued_many(bases: Sequence[JobSpec], jobs: Sequence[str]) -> None:
+    """A bulk enqueue wrote *jobs* (pgq.enqueue.bulk_job texts, each starting with its base's index)."""
     if _enqueue_counters:
-        for (task_name, queue), jobs in Counter((s.task_name, s.queue) for s in specs).items():
-            enqueued(task_name, queue, jobs)
+        per_base = Counter(int(job[1:job.index(",")]) for job in jobs)
+        for index, count in per_base.items():
+            enqueued(bases[index].task_name, bases[index].queue, count)
 
 
 class EnqueueCounter:
