@@ -242,7 +242,7 @@ RETURNING j.id, j.queue, j.task_name, j.args, j.kwargs, j.priority, j.attempts, 
 # of them with an idle runner takes the freed slot at once (their limited claim otherwise runs on an
 # enqueue's NOTIFY or on the poll interval). Sent in the recording transaction: nobody wakes before
 # the slot is free.
-LIMITS_FREED = "SELECT pg_notify('pgq_jobs', q) FROM unnest(%(queues)s::text[]) AS q"
+LIMITS_FREED = "SELECT pg_notify('pgq_jobs', 'limited ' || q) FROM unnest(%(queues)s::text[]) AS q"
 
 # Declare limits (a worker at start, app.declare_limits()): a new row starts with a full bucket; a row
 # is rewritten only where the declaration differs, its tokens capped at the new burst. Rows are written
@@ -571,7 +571,8 @@ WITH requeued AS (
       AND (j.unique_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM pgq.jobs AS o
           WHERE o.unique_key = j.unique_key AND o.status IN ('queued', 'retrying', 'running')))
-    RETURNING j.id, j.status, pg_notify('pgq_jobs', j.queue)  -- workers wake at commit, once per queue
+    -- workers wake at commit, once per queue (payloads as the jobs_notify trigger sends them)
+    RETURNING j.id, j.status, pg_notify('pgq_jobs', CASE WHEN j.limited THEN 'limited ' ELSE '' END || j.queue)
 ), dropped AS (
     DELETE FROM pgq.results AS r USING requeued WHERE r.job_id = requeued.id
 )

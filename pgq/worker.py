@@ -649,7 +649,12 @@ class Worker:
                     while not self._stopping.is_set():
                         # A short timeout: the stop flag is checked 4 times a second (no query, no wake).
                         for notify in conn.notifies(timeout=0.25):
-                            if notify.payload in wanted:
+                            # The payload is the queue, or 'limited <queue>' (see migration 0007): only
+                            # limited jobs need the limited claim's look, a round trip before the claim.
+                            payload = notify.payload
+                            if payload in wanted:
+                                self._wake.set()
+                            elif payload.startswith("limited ") and payload[8:] in wanted:
                                 self._limited_due.set()
                                 self._wake.set()
                             if self._stopping.is_set():

@@ -471,3 +471,20 @@ def test_queue_rate_limit(lapp, conn, db_url):
           f"{_max_per_window(starts)}")
     assert _max_per_window(starts) <= limit_apps.MAIL_RATE + 1
     assert (n - 1) / limit_apps.MAIL_RATE - 0.01 <= starts[-1] <= 2 * (n - 1) / limit_apps.MAIL_RATE
+
+
+def test_notify_payload_tells_limited_jobs_apart(lapp, conn, db_url):
+    """Workers run the limited claim on a NOTIFY only when it says 'limited <queue>' (migration 0007)."""
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN pgq_jobs")
+        limit_apps.sync.delay(7)  # a concurrency key: limited
+        limit_apps.plain.delay()  # nothing limits it
+        limit_apps.report.delay()  # its queue is limited
+        lapp.enqueue_many([limit_apps.plain.s(), limit_apps.sync.s(8)])
+        failed = limit_apps.plain.delay().id
+        conn.execute("UPDATE pgq.jobs SET status = 'failed', finished_at = now() WHERE id = %s", (failed,))
+        lapp.retry(failed)
+        heard = [n.payload for n in listener.notifies(timeout=1, stop_after=7)]
+    assert heard[:3] == ["limited tenants", "reports_free", "limited reports"]
+    assert sorted(heard[3:5]) == ["limited tenants", "reports_free"]  # one statement: one each, any order
+    assert heard[5:] == ["reports_free", "reports_free"]  # the failed job's insert, then its retry
