@@ -234,6 +234,22 @@ def test_read_only_offers_and_accepts_no_action(db_url, conn, options):
     assert job(conn, job_id)["status"] == "failed"
 
 
+def test_under_a_path_prefix(db_url, conn):
+    job_id = finished(conn, "failed")
+    asgi = create_app(db_url, token=TOKEN, app=apps.app)
+    for _ in range(2):  # the application can be started again after its lifespan ended
+        with TestClient(asgi, root_path="/pgq", follow_redirects=False) as c:
+            page = c.get(f"/jobs/{job_id}").text
+            assert 'href="/pgq/jobs"' in page and 'src="/pgq/static/vendor/htmx-2.0.11.min.js"' in page
+            assert 'hx-get="/pgq/partials/overview"' in c.get("/").text
+            assert c.get(f"/jobs/{job_id}/retry").headers["location"] == (
+                f"/pgq/login?next=%2Fpgq%2Fjobs%2F{job_id}%2Fretry")
+            r = c.post("/login", data={"token": TOKEN, "next": f"/pgq/jobs/{job_id}/retry"}, headers=ORIGIN)
+            assert r.headers["location"] == f"/pgq/jobs/{job_id}/retry" and "Path=/pgq" in r.headers["set-cookie"]
+            assert c.post("/login", data={"token": TOKEN, "next": "/elsewhere"}, headers=ORIGIN).headers[
+                "location"] == "/pgq/"
+
+
 def test_no_token_page_says_why(db_url):
     with client_for(db_url) as c:
         assert "no token configured" in c.get("/").text
@@ -267,7 +283,8 @@ def test_session_cookie_is_httponly_and_strict(client):
 
 
 def test_login_never_redirects_elsewhere(client):
-    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"):
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)",
+                   "/\t/evil.example", "/\n/evil.example", " //evil.example"):
         r = client.post("/login", data={"token": TOKEN, "next": target}, headers=ORIGIN)
         assert r.headers["location"] == "/", target
 
