@@ -1004,12 +1004,6 @@ def _local(t: Any, zone: Any) -> str:
     return t.astimezone(zone).isoformat(sep=" ", timespec="seconds")
 
 
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.command("dashboard")
 @click.option("--host", default="127.0.0.1", envvar="PGQ_DASHBOARD_HOST", show_default=True,
               help="Address to bind; anything but loopback exposes the dashboard to the network "
@@ -1042,3 +1036,7 @@ def dashboard_cmd(ctx: click.Context, host: str, port: int, token: str | None, r
     app = _app(ctx)
     serve(app, host=host, port=port, token=token or None, read_only=read_only, root_path=root_path,
           log_level=str(ctx.find_root().obj["loglevel"]).lower())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

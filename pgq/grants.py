@@ -49,8 +49,9 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT", "alembic_version"),
     ],
     "control": [
-        # Cancel and retry by hand (cancel(), app.retry(), `pgq cancel`, `pgq retry`): UPDATE the jobs.
-        ("SELECT, UPDATE", "jobs"),
+        # Cancel and retry by hand (cancel(), app.retry(), `pgq cancel`, `pgq retry`): UPDATE the jobs;
+        # delete finished ones (the dashboard's delete action).
+        ("SELECT, UPDATE, DELETE", "jobs"),
         # Store a cancelled job's outcome (INSERT … ON CONFLICT DO UPDATE); delete it on a retry by hand.
         ("SELECT, INSERT, UPDATE, DELETE", "results"),
         # The commands check that the schema is migrated to the version the code expects.
@@ -68,6 +69,7 @@ _PRIVILEGES: dict[str, list[tuple[str, str]]] = {
         ("SELECT", "workers"),
         ("SELECT", "maintenance_runs"),
         ("SELECT", "limits"),
+        ("SELECT", "periodic_ticks"),
         ("SELECT", "alembic_version"),
     ],
 }
