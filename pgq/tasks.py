@@ -133,6 +133,12 @@ class Task:
         (recomputing it per job cost 7 % of a no-op drain's worker CPU)."""
         return inspect.signature(self.fn)
 
+    @functools.cached_property
+    def bind_problems(self) -> dict[tuple[int, tuple[str, ...]], str | None]:
+        """Per shape of arguments (their number, their keyword names): why they do not fit the function,
+        or None (see pgq.executor._bind_call)."""
+        return {}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.bind:
             return self.fn(self, *args, **kwargs)

@@ -170,6 +170,18 @@ def test_jobs_that_can_never_succeed_fail_at_once(the_job, message):
     assert message in outcome.error.message
 
 
+def test_argument_check_is_kept_per_shape_of_arguments():
+    """The worker checks a job's arguments once per task and shape (count, keyword names); values never
+    change the answer."""
+    for _ in range(2):  # the second round answers from what the first one kept
+        assert isinstance(executor.run(app.tasks, job("u.add", (1, 2))), Succeeded)
+        assert isinstance(executor.run(app.tasks, job("u.add", (3, 4))), Succeeded)
+        assert "arguments do not match" in executor.run(app.tasks, job("u.add", (1,))).error.message
+        assert isinstance(executor.run(app.tasks, job("u.add", (1,), {"y": 2})), Succeeded)
+        assert "arguments do not match" in executor.run(app.tasks, job("u.add", (1,), {"z": 2})).error.message
+    assert app.tasks["u.add"].bind_problems.keys() >= {(2, ()), (1, ()), (1, ("y",)), (1, ("z",))}
+
+
 def test_unserializable_result_fails_at_once():
     @app.task(name="u.returns_object")
     def returns_object():
