@@ -1,0 +1,42 @@
+"""The worker's statements keep using pgq's indexes whatever the statistics say (see pgq.db.INDEX_ONLY_ROLES)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgq import db, sql
+
+
+def _plan(conn, statement: str) -> str:
+    return "\n".join(row[0] for row in conn.execute(statement).fetchall())
+
+
+def test_worker_connections_never_scan_the_jobs_table(db_url, conn, monkeypatch):
+    """A generic plan made while pgq.jobs was empty is kept after the table grew: with sequential scans
+    on, the outcome batch would then read the whole table for every batch."""
+    complete = (sql.COMPLETE_MANY.replace("%(ids)s", "$1").replace("%(attempts)s", "$2")
+                .replace("%(results)s", "$3"))
+    args = "(ARRAY[1, 2]::bigint[], ARRAY[1, 1]::int[], ARRAY['null', 'null']::text[])"
+    for role, scans in (("worker", False), ("client", True)):
+        conn.execute("TRUNCATE pgq.jobs")
+        conn.execute("VACUUM ANALYZE pgq.jobs")
+        with db.connect(db_url, role=role, autocommit=True) as worker:
+            worker.execute("SET plan_cache_mode = force_generic_plan")
+            worker.execute(f"PREPARE complete_many AS {complete}")
+            worker.execute(f"EXECUTE complete_many {args}")  # planned now, on an empty table
+            conn.execute("INSERT INTO pgq.jobs (task_name) SELECT 'x' FROM generate_series(1, 20000)")
+            plan = _plan(worker, f"EXPLAIN EXECUTE complete_many {args}")
+        assert ("Seq Scan on jobs" in plan) is scans, (role, plan)
+        assert ("jobs_pkey" in plan) is not scans, (role, plan)
+
+
+@pytest.mark.parametrize(("prepare", "role", "setting"), [
+    ("1", "worker", "off"), ("1", "pruner", "off"), ("1", "scheduler", "off"), ("1", "listener", "off"),
+    ("1", "client", "on"), ("1", "cli", "on"),
+    ("0", "worker", "on"),  # --no-prepare (PgBouncer): no session setting that could leak through the pooler
+])
+def test_which_connections_turn_sequential_scans_off(db_url, monkeypatch, prepare, role, setting):
+    monkeypatch.setenv("PGQ_PREPARE", prepare)
+    with db.connect(db_url, role=role) as conn:
+        assert conn.info.transaction_status.name == "IDLE"  # the SET was committed, no transaction left open
+        assert conn.execute("SHOW enable_seqscan").fetchone()[0] == setting
