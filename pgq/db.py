@@ -47,9 +47,12 @@ def prepare_threshold() -> int | None:
     return None if os.environ.get("PGQ_PREPARE", "1").lower() in ("0", "false", "no", "off") else 5
 
 
-def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwargs: Any) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = False, role: str = "client", settings: dict[str, str] | None = None,
+            **kwargs: Any) -> psycopg.Connection:
     """Open a connection tagged with pgq's application_name, so operators can tell pgq's sessions apart
-    in ``pg_stat_activity``."""
+    in ``pg_stat_activity``. *settings* are session settings (SET), applied only where sessions are pgq's
+    own: not with prepared statements off (PGQ_PREPARE=0), pgq's sign that a transaction pooler such as
+    PgBouncer hands the server session to other clients between statements."""
     if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo_to_dict(url):
         # libpq would wait indefinitely (psycopg: 130 s) for a server that does not answer; a worker
         # would rather back off and retry, and a stopping worker must not hang on it.
@@ -64,9 +67,11 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", **kwarg
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {error_line(exc)}") from exc
-    if role in INDEX_ONLY_ROLES and conn.prepare_threshold is not None:
+    wanted = {**({"enable_seqscan": "off"} if role in INDEX_ONLY_ROLES else {}), **(settings or {})}
+    if wanted and conn.prepare_threshold is not None:
         try:
-            conn.execute("SET enable_seqscan = off")
+            for name, value in wanted.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         except psycopg.Error:
             conn.close()
             raise

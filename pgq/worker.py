@@ -355,7 +355,13 @@ class Worker:
 
     def _claim_connection(self) -> psycopg.Connection:
         if self._claim_conn is None or self._claim_conn.closed:
-            self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True)
+            # A claim's commit does not wait for its WAL to reach the disk. A crash can lose a claim made in
+            # the last moments: its job is then waiting again, as if its worker had died, and the outcome of
+            # an attempt that ran meanwhile is refused by the fence (the attempt number went back). That is
+            # at-least-once delivery, as before; and the outcome's own commit, which waits, flushes the
+            # claim's WAL too. What it saves is a disk flush between a job's arrival and its start.
+            self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True,
+                                          settings={"synchronous_commit": "off"})
         return self._claim_conn
 
     def _claim(self, limit: int) -> list[ClaimedJob]:

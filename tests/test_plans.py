@@ -1,7 +1,10 @@
-"""The worker's statements keep using pgq's indexes whatever the statistics say (see pgq.db.INDEX_ONLY_ROLES)."""
+"""The session settings of pgq's own connections: plans that keep to the indexes whatever the statistics
+say (pgq.db.INDEX_ONLY_ROLES), and claims that do not wait for the disk."""
 
 from __future__ import annotations
 
+import psycopg
+import psycopg.sql
 import pytest
 
 from pgq import db, sql
@@ -40,3 +43,20 @@ def test_which_connections_turn_sequential_scans_off(db_url, monkeypatch, prepar
     with db.connect(db_url, role=role) as conn:
         assert conn.info.transaction_status.name == "IDLE"  # the SET was committed, no transaction left open
         assert conn.execute("SHOW enable_seqscan").fetchone()[0] == setting
+
+
+@pytest.mark.parametrize(("prepare", "setting"), [("1", "off"), ("0", "on")])
+def test_claims_commit_without_waiting_for_the_disk(app, conn, monkeypatch, prepare, setting):
+    """Only the claim connection: a claim lost in a crash puts its job back, as a dead worker would."""
+    # The test server does not wait for the disk at all (conftest); this database's sessions do.
+    conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET synchronous_commit = on").format(
+        psycopg.sql.Identifier(conn.info.dbname)))
+    monkeypatch.setenv("PGQ_PREPARE", prepare)
+    worker = app.worker(concurrency=1)
+    try:
+        claim = worker._claim_connection()
+        assert claim.execute("SHOW synchronous_commit").fetchone()[0] == setting
+        with db.connect(app.database_url, role="worker", autocommit=True) as recorder:
+            assert recorder.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        worker._drop_claim_conn()
