@@ -453,3 +453,21 @@ def test_solo_worker_process_runs_higher_priority_first(app, executions, db_url,
     assert [r[0] for r in runs] == expected
     assert scalar(conn, "SELECT count(DISTINCT worker_pid) FROM test_executions") == 1
     assert scalar(conn, "SELECT min(worker_pid) FROM test_executions") == worker.pid
+
+
+def test_a_recorder_that_falls_behind_holds_back_the_claims(app, conn):
+    """Finished jobs stay claimed until their outcome is written: a stalled recorder must stop the
+    claiming at twice the capacity, not let the worker claim (and heartbeat) the whole queue."""
+    app.enqueue_many(apps.noop.s() for _ in range(2000))
+    worker = app.worker(concurrency=2, prefetch=4)  # capacity 6: at most 12 held
+    worker.outcome_lock.acquire()  # the recorder writes under this lock: it stalls
+    with worker.running():
+        try:
+            wait_for(lambda: worker.held_count() >= 12, what="the worker to fill its room")
+            time.sleep(0.3)  # a bound is checked over time: claims would go on within this if unbounded
+            assert worker.held_count() == 12
+            assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'running'") == 12
+        finally:
+            worker.outcome_lock.release()  # before the worker stops: its shutdown waits for the recorder
+        wait_for(lambda: scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'") == 2000,
+                 what="every job to be recorded")
