@@ -66,12 +66,13 @@ class Plan:
     peer_runs: int = 3  # with --peers: how often each peer's enqueue, bulk and drain scenarios run
     peer_wake_jobs: int = 200  # with --peers: wake-up jobs for each peer
     pgbench_seconds: int = 10  # with --peers: pgbench -T
+    sustained_minutes: float = 10.0  # the sustained scenario's length
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(True, 1_000, 2_000, 15.0, 5_000, 45.0, 100, 0.010,
-                       peer_runs=1, peer_wake_jobs=100, pgbench_seconds=5)
+                       peer_runs=1, peer_wake_jobs=100, pgbench_seconds=5, sustained_minutes=0.25)
         return cls(False, 10_000, 20_000, 40.0, 20_000, 90.0, 500, 0.010)
 
 
@@ -1114,11 +1115,15 @@ def render(rows: list[Row]) -> list[str]:
 # --- main ------------------------------------------------------------------------------------------
 
 
-SCENARIOS = ("enqueue", "bulk", "drain", "wake")
+SCENARIOS = ("enqueue", "bulk", "drain", "wake", "sustained")
+#: The sustained scenario's producer rate, as a share of this run's one-worker drain rate (results stored).
+SUSTAINED_SHARE = 0.8
+SUSTAINED_DEFAULT_RATE = 8_000.0  # jobs/s, when no drain ran in this run to take 80 % of
 
 
 def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False, embedded: bool = True,
-        only: frozenset[str] = frozenset(SCENARIOS)) -> None:
+        only: frozenset[str] = frozenset(SCENARIOS), sustained_minutes: float | None = None,
+        sustained_rate: float | None = None) -> None:
     setup = describe_setup(url, where, plan)
     if with_peers:
         setup.append(f"with peers: PgQueuer and procrastinate on this database, each peer scenario right after pgq's "
@@ -1200,6 +1205,16 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
             rows.extend(wake_rows)
             if peers is not None:
                 peers.wakeup()
+        if "sustained" in only:
+            from benchmarks.sustained import sustained
+
+            drained = keyed.get("drain1:results stored")
+            rate = sustained_rate or (SUSTAINED_SHARE * drained.rate if drained is not None and drained.rate
+                                      else SUSTAINED_DEFAULT_RATE)
+            minutes = sustained_minutes or plan.sustained_minutes
+            progress(f"sustained: {rate:,.0f} jobs/s for {minutes:g} min with pruning on")
+            reset(url)
+            rows.extend(sustained(url, rate=rate, minutes=minutes, logdir=logdir, progress=progress))
     finally:
         tasks.app.close()
         print()
@@ -1232,6 +1247,11 @@ def main(argv: list[str] | None = None) -> int:
                              "default: an embedded PostgreSQL in a temp dir]")
     parser.add_argument("--only", default=",".join(SCENARIOS), metavar="SCENARIO[,SCENARIO]",
                         help=f"run only these scenarios, of {', '.join(SCENARIOS)} [default: all]")
+    parser.add_argument("--sustained-minutes", type=float, default=None, metavar="MINUTES",
+                        help="length of the sustained scenario [default: 10, with --quick 0.25]")
+    parser.add_argument("--sustained-rate", type=float, default=None, metavar="JOBS_PER_S",
+                        help=f"the sustained scenario's producer rate [default: {SUSTAINED_SHARE:.0%} of this run's "
+                             f"one-worker drain rate, or {SUSTAINED_DEFAULT_RATE:,.0f} without a drain]")
     args = parser.parse_args(argv)
     only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
     if not only or not only <= set(SCENARIOS):
@@ -1248,7 +1268,8 @@ def main(argv: list[str] | None = None) -> int:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f"CREATE TABLE {PGBENCH_TABLE} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
                              "v int NOT NULL)")
-        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url, only=only)
+        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url, only=only,
+            sustained_minutes=args.sustained_minutes, sustained_rate=args.sustained_rate)
     print(f"\n  total benchmark time {time.monotonic() - began:.0f} s", flush=True)
     return 0
 
