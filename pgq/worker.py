@@ -305,8 +305,7 @@ class Worker:
             # after recording gave one claim and one outcome batch per 8 jobs, and idle runners).
             capacity, free = self._room()
             claimed: list[ClaimedJob] = []
-            # Claim in batches (a third of the capacity) once the runners have work.
-            if free > 0 and (free >= capacity // 3 or self._ready.empty()):
+            if self._worth_claiming(capacity, free):
                 try:
                     if self._limited_wanted():
                         # Limited jobs first, for idle runners only (one at least, or a worker busy with
@@ -465,11 +464,14 @@ class Worker:
         capacity = self.concurrency + self._prefetch_now()
         return capacity, min(capacity - self._unfinished, 2 * capacity - len(self._held))
 
-    def _claim_wanted(self) -> bool:
-        """Whether the claim loop would claim now (its test in _claim_loop): a freed slot wakes it only then.
-        Waking it on every returned task cost a thread switch per job on short jobs."""
-        capacity, free = self._room()
+    def _worth_claiming(self, capacity: int, free: int) -> bool:
+        """Claim in batches (a third of the capacity) once the runners have work."""
         return free > 0 and (free >= capacity // 3 or self._ready.empty())
+
+    def _claim_wanted(self) -> bool:
+        """Whether the claim loop would claim now: a freed slot wakes it only then. Waking it on every
+        returned task cost a thread switch per job on short jobs."""
+        return self._worth_claiming(*self._room())
 
     def _drop_held(self, job_id: int) -> _Held | None:
         """Remove a held entry (with _held_lock held), keeping the busy count."""
