@@ -10,9 +10,9 @@ job with that reason — the recorder itself never dies, or the worker would hol
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue as queue_mod
 import threading
 from typing import TYPE_CHECKING
 
@@ -36,28 +36,33 @@ Item = tuple[ClaimedJob, Outcome]
 class Recorder:
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.outcomes: queue_mod.Queue[Item] = queue_mod.Queue()
+        # Outcomes waiting to be written. A deque and an Event rather than a Queue: runners append without
+        # taking a lock, and wake the recorder only when it sleeps, not once per outcome.
+        self.outcomes: collections.deque[Item] = collections.deque()
+        self._pending = threading.Event()
         self.done = threading.Event()  # set at shutdown: write what is queued, then stop
         self._backoff = Backoff()
         self._conn: psycopg.Connection | None = None
 
     def put(self, job: ClaimedJob, outcome: Outcome) -> None:
-        self.outcomes.put((job, outcome))
+        self.outcomes.append((job, outcome))
+        if not self._pending.is_set():
+            self._pending.set()
 
     def loop(self) -> None:
         batch: list[Item] = []
         while True:
-            if not batch:
-                try:
-                    batch.append(self.outcomes.get(timeout=0.2))
-                except queue_mod.Empty:
+            if not batch and not self.outcomes:
+                self._pending.wait(0.2)
+                self._pending.clear()  # before reading: an outcome appended after this sets it again
+                if not self.outcomes:
                     if self.done.is_set():
                         break
                     continue
             while len(batch) < BATCH:
                 try:
-                    batch.append(self.outcomes.get_nowait())
-                except queue_mod.Empty:
+                    batch.append(self.outcomes.popleft())
+                except IndexError:
                     break
             try:
                 # Commit and forget under one lock, so the keeper never sees a job recorded but still
