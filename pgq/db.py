@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
+import threading
 from typing import Any
 
 import psycopg
@@ -12,6 +14,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .errors import DatabaseUnavailable
 from .humanize import error_line
+
+log = logging.getLogger("pgq.worker")
 
 #: Seconds to wait for a connection unless the URL says otherwise (connect_timeout=…).
 CONNECT_TIMEOUT = 10
@@ -98,3 +102,30 @@ def describe_url(url: str) -> str:
 
 def hostname() -> str:
     return socket.gethostname()
+
+
+class Reconnect:
+    """How a long-lived pgq thread (claim, listener, recorder, heartbeat, scheduler) waits before trying
+    the database again: 0.1 s, doubling to 5 s, reset by a success. Each wait is logged: an outage as a
+    warning, any other database error (a missing grant, a read-only standby) as an error."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.delay = 0.1
+        self.log = logger
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
+        """After an outage (OperationalError, DatabaseUnavailable)."""
+        self.log.warning("database unavailable (%s): %s; retrying in %.1f s", what, error_line(exc), self.delay)
+        self._sleep(stop)
+
+    def failed(self, stop: threading.Event, what: str, exc: BaseException) -> None:
+        """After any other database error: loud, but the thread lives on."""
+        self.log.error("%s failed: %s: %s; retrying in %.1f s", what, type(exc).__name__, error_line(exc), self.delay)
+        self._sleep(stop)
+
+    def _sleep(self, stop: threading.Event) -> None:
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, 5.0)

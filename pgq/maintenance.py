@@ -131,27 +131,23 @@ class Keeper:
                 w.cancel_requested(cancelled)
 
     def loop(self) -> None:
-        delay = 0.1
+        backoff = db.Reconnect(log)
         while not self._stop.is_set():
             try:
                 self.run_once()
-                delay = 0.1
+                backoff.reset()
                 interval = self.interval()
                 self._next_tick = time.monotonic() + interval
                 self._poke.wait(interval)
                 self._poke.clear()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                log.warning("database unavailable (heartbeat): %s; retrying in %.1f s", exc, delay)
                 self._close()
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.wait(self._stop, "heartbeat", exc)
             except psycopg.Error as exc:
                 # Not an outage (a missing grant, a read-only standby): say so loudly, keep trying —
                 # a dead keeper would let every lease of this worker expire while it runs.
-                log.error("heartbeat failed: %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
                 self._close()
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.failed(self._stop, "heartbeat", exc)
 
     def tick_by(self, when: float) -> None:
         """Make sure the next tick comes no later than *when* (monotonic): a job just claimed with a

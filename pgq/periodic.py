@@ -510,22 +510,18 @@ class Scheduler:
 
     def loop(self) -> None:
         """run_once, then sleep until the next tick (or a stop); survive a lost database."""
-        delay = 0.1
+        backoff = db.Reconnect(log)
         while not self._stop.is_set():
             try:
                 self.run_once()
-                delay = 0.1
+                backoff.reset()
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                log.warning("database unavailable (scheduler): %s; retrying in %.1f s", error_line(exc), delay)
                 self._close()
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.wait(self._stop, "scheduler", exc)
                 continue
             except psycopg.Error as exc:  # not an outage (a missing grant…): loud, but keep scheduling
-                log.error("scheduler failed: %s: %s; retrying in %.1f s", type(exc).__name__, error_line(exc), delay)
                 self._close()
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.failed(self._stop, "scheduler", exc)
                 continue
             self._stop.wait(self.sleep_time())
 

@@ -41,7 +41,7 @@ class Recorder:
         self.outcomes: collections.deque[Item] = collections.deque()
         self._pending = threading.Event()
         self.done = threading.Event()  # set at shutdown: write what is queued, then stop
-        self._backoff = Backoff()
+        self._backoff = db.Reconnect()
         self._conn: psycopg.Connection | None = None
 
     def put(self, job: ClaimedJob, outcome: Outcome) -> None:
@@ -165,19 +165,3 @@ class Recorder:
 def _log_fenced(job: ClaimedJob, what: str) -> None:
     log.warning("job %d %s attempt %d: lease lost before its %s was recorded; another attempt owns the "
                 "job now, so this outcome is discarded", job.id, job.task_name, job.attempt, what)
-
-
-class Backoff:
-    """Exponential backoff for reconnecting: 0.1 s doubling to 5 s, each wait logged."""
-
-    def __init__(self) -> None:
-        self.delay = 0.1
-
-    def reset(self) -> None:
-        self.delay = 0.1
-
-    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
-        log.warning("database unavailable (%s): %s; retrying in %.1f s", what, error_line(exc), self.delay)
-        stop.wait(self.delay)
-        self.delay = min(self.delay * 2, 5.0)
-

@@ -38,7 +38,7 @@ from . import db, executor, limits, maintenance, migrate, pruner, sql
 from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
 from .metrics import worker_metrics
-from .recorder import Backoff, Recorder
+from .recorder import Recorder
 
 if TYPE_CHECKING:
     from .app import App
@@ -297,7 +297,7 @@ class Worker:
     # --- claiming ------------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
-        backoff = Backoff()
+        backoff = db.Reconnect()
         while not self._stopping.is_set():
             self._wake.clear()
             # Slots free up when a task returns, not when its outcome is recorded: the recorder's round
@@ -320,9 +320,8 @@ class Worker:
                     backoff.wait(self._stopping, "claim", exc)
                     continue
                 except psycopg.Error as exc:  # not an outage (a missing grant…): loud, but the worker lives on
-                    log.error("claim failed: %s: %s", type(exc).__name__, exc)
                     self._drop_claim_conn()
-                    backoff.wait(self._stopping, "claim", exc)
+                    backoff.failed(self._stopping, "claim", exc)
                     continue
                 self._dispatch(claimed)
             if claimed and len(claimed) == free:
@@ -653,7 +652,7 @@ class Worker:
     # --- listening -----------------------------------------------------------------------------
 
     def _listen_loop(self) -> None:
-        backoff = Backoff()
+        backoff = db.Reconnect()
         wanted = set(self.queues)
         while not self._stopping.is_set():
             try:
@@ -678,8 +677,7 @@ class Worker:
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 backoff.wait(self._stopping, "listen", exc)
             except psycopg.Error as exc:  # not an outage; without a listener we still poll, so keep trying
-                log.error("listener failed: %s: %s", type(exc).__name__, exc)
-                backoff.wait(self._stopping, "listen", exc)
+                backoff.failed(self._stopping, "listener", exc)
 
     # --- shutdown ------------------------------------------------------------------------------
 
