@@ -417,11 +417,7 @@ def drain(url: str, plan: Plan, task: pgq.Task, n_workers: int, label: str, logd
         row.notes.append(f"{claims} claim statements ({done / claims:.1f} jobs each), {batches} outcome "
                          f"batches ({done / batches:.1f} jobs each)")
     if done and None not in worker_cpu:
-        cpu = sum(c for c in worker_cpu if c is not None)
-        text = f"CPU: worker process{'es' if n_workers > 1 else ''} {cpu:.1f} s ({cpu / done * 1e6:.0f} us/job)"
-        if pg_cpu is not None:
-            text += f", their PostgreSQL backends {pg_cpu:.1f} s ({pg_cpu / done * 1e6:.0f} us/job)"
-        row.notes.append(text + " - worker CPU includes its start-up")
+        row.notes.append(cpu_note(worker_cpu, pg_cpu, done))
     if n_workers > 1:
         row.notes.append("jobs per worker: " + " / ".join(str(c) for c in per_worker))
     if failed:
@@ -432,6 +428,15 @@ def drain(url: str, plan: Plan, task: pgq.Task, n_workers: int, label: str, logd
     if lost:
         row.notes.append(f"worker logs: {lost} 'lease lost' warnings, with {rerun} jobs run more than once")
     return row
+
+
+def cpu_note(worker_cpu: list[float | None], pg_cpu: float | None, done: int) -> str:
+    """A drain's CPU per job: its worker processes' (start-up included) and their PostgreSQL backends'."""
+    cpu = sum(c for c in worker_cpu if c is not None)
+    text = f"CPU: worker process{'es' if len(worker_cpu) > 1 else ''} {cpu:.1f} s ({cpu / done * 1e6:.0f} us/job)"
+    if pg_cpu is not None:
+        text += f", their PostgreSQL backends {pg_cpu:.1f} s ({pg_cpu / done * 1e6:.0f} us/job)"
+    return text + " - worker CPU includes its start-up"
 
 
 def median_run(runs: list[Row]) -> Row:
@@ -803,11 +808,7 @@ def peer_drain(url: str, python: str, lib: str, plan: Plan, n_workers: int, logd
         row.notes.append(f"{claims} claim statements ({picks / claims:.1f} jobs each), {batches} outcome batches "
                          f"({done / batches:.1f} jobs each) - counted by distinct transaction timestamps")
     if done and None not in worker_cpu:
-        cpu = sum(c for c in worker_cpu if c is not None)
-        text = f"CPU: worker process{'es' if n_workers > 1 else ''} {cpu:.1f} s ({cpu / done * 1e6:.0f} us/job)"
-        if pg_cpu is not None:
-            text += f", their PostgreSQL backends {pg_cpu:.1f} s ({pg_cpu / done * 1e6:.0f} us/job)"
-        row.notes.append(text + " - worker CPU includes its start-up")
+        row.notes.append(cpu_note(worker_cpu, pg_cpu, done))
     if failed:
         row.notes.append(f"{failed} jobs FAILED")
     if picks and picks > done:
