@@ -8,7 +8,6 @@ do the exceptions a task's retry policy discards (see :class:`pgq.retry.RetryPol
 
 from __future__ import annotations
 
-import threading
 import traceback as tb_module
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from . import retry, serialization
 from .errors import CancelRequested, NotRetryable, Retry, SerializationError, TaskTimeout
-from .tasks import Request, Task, run_with_request
+from .tasks import CancelFlag, Request, Task, run_with_request
 
 MAX_TRACEBACK_CHARS = 20_000
 MAX_MESSAGE_CHARS = 4_000
@@ -84,7 +83,7 @@ Outcome = Succeeded | RetryLater | Failed | Cancelled
 
 
 def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None,
-        cancel_event: threading.Event | None = None) -> Outcome:
+        cancel_event: CancelFlag | None = None) -> Outcome:
     """Run *job* with the task registered under its name and say how it ended. Never raises.
     *cancel_event* is what the task's ``is_cancelled()`` reads."""
     task = None

@@ -7,7 +7,6 @@ import functools
 import hashlib
 import inspect
 import json
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +18,23 @@ from .errors import EnqueueError, Retry
 if TYPE_CHECKING:
     from .app import App
     from .result import AsyncResult
+
+
+class CancelFlag:
+    """What a running task's ``is_cancelled()`` reads. Set once and never waited on, so a plain attribute:
+    a threading.Event per claimed job (a Condition and a lock each) was 9 % of the worker's CPU on a
+    no-op drain (py-spy --gil)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(frozen=True)
@@ -33,7 +49,7 @@ class Request:
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     worker_id: str | None = None
-    cancel_event: threading.Event | None = field(default=None, repr=False, compare=False)  # see is_cancelled
+    cancel_event: CancelFlag | None = field(default=None, repr=False, compare=False)  # see is_cancelled
 
     @property
     def retries(self) -> int:

@@ -39,6 +39,7 @@ from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
 from .metrics import worker_metrics
 from .recorder import Recorder
+from .tasks import CancelFlag
 
 if TYPE_CHECKING:
     from .app import App
@@ -81,23 +82,6 @@ class _Ready(queue_mod.Queue):
             return item
 
 
-class _CancelFlag:
-    """What a running task's ``is_cancelled()`` reads. Set once and never waited on, so a plain attribute:
-    a threading.Event per claimed job (a Condition and a lock each) was 9 % of the worker's CPU on a
-    no-op drain (py-spy --gil)."""
-
-    __slots__ = ("_set",)
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
 @dataclass(slots=True)
 class _Held:
     """A job this worker claimed and has not yet recorded the outcome of."""
@@ -109,7 +93,7 @@ class _Held:
     timed_out: bool = False  # its timeout outcome is recorded; whatever the thread returns is discarded
     cancelled: bool = False  # its cancellation is recorded; likewise
     finished: bool = False  # the task returned: too late to time out or cancel, its own outcome stands
-    cancel_event: _CancelFlag = field(default_factory=_CancelFlag)  # the task's is_cancelled()
+    cancel_event: CancelFlag = field(default_factory=CancelFlag)  # the task's is_cancelled()
 
 
 class Worker:

@@ -4,7 +4,6 @@ cancelled jobs by hand (app.retry, ``pgq retry ID…``, ``pgq retry --failed --t
 from __future__ import annotations
 
 import re
-import threading
 
 import pytest
 from click.testing import CliRunner
@@ -14,6 +13,7 @@ from pgq import executor
 from pgq.cli import main
 from pgq.executor import Cancelled, ClaimedJob, Failed, RetryLater, Succeeded
 from pgq.retry import Backoff, RetryPolicy
+from pgq.tasks import CancelFlag
 from tests import control_apps
 from tests.control_apps import autoretry, plain, policy, until_switched
 from tests.helpers import job, scalar
@@ -146,7 +146,7 @@ def cancel_flag(self):
 
 def test_is_cancelled_reads_the_workers_flag():
     assert cancel_flag() is False  # outside a worker
-    event = threading.Event()
+    event = CancelFlag()
     assert executor.run(unit.tasks, _job("p.cancel_flag"), cancel_event=event) == Succeeded("false")
     event.set()
     assert executor.run(unit.tasks, _job("p.cancel_flag"), cancel_event=event) == Succeeded("true")
