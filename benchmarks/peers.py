@@ -50,10 +50,12 @@ WAKE = "bench_wake"
 # throughput of psycopg"; "use a direct asyncpg connection (not a pool) for the QueueManager"), run by
 # pgqueuer.run under uvloop, as `pgq run` does. "Increase batch_size when jobs are short-lived (< 1 s)": its
 # own benchmark uses 10, the tuning guide shows 20-25; here drain throughput kept growing with the batch
-# (10: 6.5k, 50: 17k, 100: 18-19k, 200: 23k jobs/s, see benchmarks/README.md); 100 is used.
+# (10: 6.5k, 50: 17k, 100: 16.4-17.2k, 300: 19.9k, 1000: 20.3-20.7k jobs/s with one worker; 100: 23.0-23.5k,
+# 300: 27.8-29.8k, 1000: 29.5-30.0k with two; see benchmarks/README.md). 1000 is used: about the 1,024 jobs
+# pgq's adaptive prefetch holds for no-op jobs, so both claim in batches of the same order.
 # max_concurrent_tasks: unset = unlimited, the default (a cap must be >= 2 x batch size and only throttles).
 # Durability: the default, `durable` (logged tables), like pgq.
-PGQUEUER_BATCH_SIZE = int(os.environ.get("PGQ_BENCH_PGQUEUER_BATCH_SIZE", "100"))
+PGQUEUER_BATCH_SIZE = int(os.environ.get("PGQ_BENCH_PGQUEUER_BATCH_SIZE", "1000"))
 PGQUEUER_MAX_CONCURRENT_TASKS: int | None = int(os.environ.get("PGQ_BENCH_PGQUEUER_MAX_CONCURRENT_TASKS", "0")) or None
 
 # procrastinate (docs: howto/basics/worker, howto/concurrency, howto/basics/connector): the async
