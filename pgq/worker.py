@@ -108,7 +108,8 @@ class Worker:
       waiting instead of waiting for a claim round trip. Too low idles runners between claims on short
       jobs; too high holds leases on jobs that wait here while other workers sit idle. Default: adaptive,
       about 20 ms of work per runner from the moving average of job run times (1x to 128x the
-      concurrency, at most 1,024 jobs beyond it; 0 with ``pool="solo"``). Prefetched jobs are handed back at once on shutdown.
+      concurrency, at most 1,024 jobs beyond it; 0 with ``pool="solo"``). Prefetched jobs are handed
+      back at once on shutdown.
     - ``poll_interval``: seconds between polls when no NOTIFY arrives. It bounds how late a job with a
       future ``run_at`` (eta, countdown, retry backoff) starts. Too low costs a query per interval per
       worker; too high delays scheduled jobs, and all jobs when ``listen`` is off. Default 1 s.
@@ -165,8 +166,8 @@ class Worker:
 
         self._held: dict[int, _Held] = {}
         # How many of them have not returned from their task (busy_count), kept as entries are added,
-        # finish and are removed: counting on every freed slot walked the whole held set, up to 16x the
-        # concurrency. Changed only under _held_lock.
+        # finish and are removed: counting on every freed slot walked the whole held set, up to 2x the
+        # capacity (runners and prefetch). Changed only under _held_lock.
         self._unfinished = 0
         self._held_lock = threading.Lock()
         self.outcome_lock = threading.Lock()  # recorder's commit+forget vs keeper's heartbeat
