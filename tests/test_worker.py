@@ -455,6 +455,20 @@ def test_solo_worker_process_runs_higher_priority_first(app, executions, db_url,
     assert scalar(conn, "SELECT min(worker_pid) FROM test_executions") == worker.pid
 
 
+def test_free_slots_beyond_one_claim_statement_are_claimed_at_once(app, conn):
+    """One claim statement takes at most MAX_CLAIM jobs; a worker with more free slots claims again at
+    once, not at its next poll or NOTIFY (neither comes here, and no task returns meanwhile). It claims
+    while a third of its capacity is free: 32 slots, 3 per statement, 8 statements, 24 jobs."""
+    app.enqueue_many(apps.sleep.s(3) for _ in range(40))
+    worker = app.worker(concurrency=2, prefetch=30, poll_interval=60, listen=False)  # capacity 32
+    worker.MAX_CLAIM = 3
+    with worker.running():
+        wait_for(lambda: worker.held_count() == 24, timeout=2.5, what="the worker to claim 24 jobs, 3 at a time")
+        assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'running'") == 24
+        assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'") == 0
+        worker.stop(hurry=True)
+
+
 def test_a_recorder_that_falls_behind_holds_back_the_claims(app, conn):
     """Finished jobs stay claimed until their outcome is written: a stalled recorder must stop the
     claiming at twice the capacity, not let the worker claim (and heartbeat) the whole queue."""
