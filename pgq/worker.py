@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import queue as queue_mod
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from . import db, executor, limits, maintenance, migrate, pruner, sql
 from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
@@ -47,6 +49,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgq.worker")
 
 NOTIFY_CHANNEL = "pgq_jobs"
+
+
+def _claimed_json(data: bytes) -> Any:
+    """json.loads for the args and kwargs a claim returns, with the empty ones (many tasks take no
+    arguments, or no keyword arguments) answered without a parse."""
+    if data == b"[]":
+        return []
+    if data == b"{}":
+        return {}
+    return json.loads(data)
 
 
 class _Ready(queue_mod.Queue):
@@ -349,6 +361,7 @@ class Worker:
             # claim's WAL too. What it saves is a disk flush between a job's arrival and its start.
             self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True,
                                           settings={"synchronous_commit": "off"})
+            set_json_loads(_claimed_json, self._claim_conn)
         return self._claim_conn
 
     def _claim(self, limit: int) -> list[ClaimedJob]:
