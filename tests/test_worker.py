@@ -455,19 +455,22 @@ def test_solo_worker_process_runs_higher_priority_first(app, executions, db_url,
     assert scalar(conn, "SELECT min(worker_pid) FROM test_executions") == worker.pid
 
 
-def test_free_slots_beyond_one_claim_statement_are_claimed_at_once(app, conn):
+def test_free_slots_beyond_one_claim_statement_are_claimed_at_once(app, executions):
     """One claim statement takes at most MAX_CLAIM jobs; a worker with more free slots claims again at
     once, not at its next poll or NOTIFY (neither comes here, and no task returns meanwhile). It claims
     while a third of its capacity is free: 32 slots, 3 per statement, 8 statements, 24 jobs."""
-    app.enqueue_many(apps.sleep.s(5) for _ in range(40))
+    app.enqueue_many(apps.sleep.s(5).set(lease_seconds=60) for _ in range(40))  # no heartbeat race either
     worker = app.worker(concurrency=2, prefetch=30, poll_interval=60, listen=False)  # capacity 32
     worker.MAX_CLAIM = 3
     with worker.running():
         wait_for(lambda: worker.held_count() >= 3, what="the worker's first claim")
         # No task returns for 5 s after the first claim: more jobs within 4 s come from more claims at once.
-        wait_for(lambda: worker.held_count() == 24, timeout=4, what="the worker to claim 24 jobs, 3 at a time")
-        assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'running'") == 24
-        assert scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'") == 0
+        try:
+            wait_for(lambda: worker.held_count() >= 24, timeout=4, what="the worker to claim 24 jobs, 3 at a time")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it holds {worker.held_count()}") from None
+        assert scalar(executions, "SELECT count(*) FROM pgq.jobs WHERE status = 'running'") == 24
+        assert scalar(executions, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'") == 0
         worker.stop(hurry=True)
 
 
