@@ -447,13 +447,14 @@ class Worker:
 
     def _prefetch_now(self) -> int:
         """Jobs to hold beyond the runners: fixed when set; else enough to keep each runner busy for
-        PREFETCH_SECONDS, from 1x to 128x the concurrency and at most MAX_PREFETCH. Claim batches are
-        a third of the capacity, so short jobs get big batches, and the claim, the runners and the
-        recorder overlap instead of taking turns. Draining 50,000 no-op jobs with -c 8 (tmp probe,
-        steady state, 3 runs each): prefetch 8, 8,500 jobs/s; 128 (the old cap, 16x), 26,300-26,700;
-        600, 32,300-34,300; 1,000, 38,900-41,900; 1,400, 39,900-41,800. CPU per job hardly moved
-        (worker 18-21 us, PostgreSQL 17-23 us): the gain is overlap. Jobs of 20 ms or more prefetch 1x,
-        so a long job never waits here while another worker idles; jobs of 1 ms prefetch 20x."""
+        PREFETCH_SECONDS, from 1x to 128x the concurrency and at most MAX_PREFETCH. The worker claims
+        once a third of the capacity is free (MAX_CLAIM jobs per statement at most), so short jobs get
+        big batches, and the claim, the runners and the recorder overlap instead of taking turns.
+        Draining 50,000 no-op jobs with -c 8 (steady state, 3 runs each; before MAX_CLAIM): prefetch
+        128 (the old cap, 16x), 26,300-26,700 jobs/s; 600, 32,300-34,300; 1,000, 38,900-41,900; 1,400,
+        39,900-41,800. CPU per job hardly moved (worker 18-21 us, PostgreSQL 17-23 us): the gain is
+        overlap. Jobs of 20 ms or more prefetch 1x, so a long job never waits here while another worker
+        idles; jobs of 1 ms prefetch 20x."""
         if self.prefetch is not None:
             return self.prefetch
         per_runner = int(self.PREFETCH_SECONDS / max(self._job_seconds, 1e-4))
