@@ -620,22 +620,76 @@ def libpq_env(url: str) -> dict[str, str]:
 def pgbench_baseline(url: str, seconds: int, logdir: Path, embedded: bool) -> Row:
     """``pgbench -n -M prepared -c 1 -T seconds -f script.sql``: one single-row INSERT per transaction from one
     client, into a two-column table of the benchmark's own: the floor of a durable one-job-per-commit enqueue."""
-    row = Row("pgbench: 1-row INSERT per transaction, 1 client")
+    row = run_pgbench("pgbench: 1-row INSERT per transaction, 1 client", PGBENCH_SCRIPT.strip(), [], url, seconds,
+                      logdir, embedded)
+    row.notes.append(f"into {PGBENCH_TABLE} (id identity primary key, v int)")
+    return row
+
+
+def pgbench_pgq_enqueue(url: str, seconds: int, logdir: Path, embedded: bool) -> Row:
+    """pgbench running pgq's own enqueue statement (pgq.sql.ENQUEUE, with what ``noop.delay()`` binds), one
+    per transaction from one client: the rate no Python client of pgq.jobs can pass, since the client
+    adds its own time to every call."""
+    return run_pgbench("pgbench: pgq's enqueue INSERT per transaction, 1 client", enqueue_statement("pgq.jobs"),
+                       enqueue_defines(), url, seconds, logdir, embedded)
+
+
+def enqueue_statement(table: str, style: str = "pgbench") -> str:
+    """pgq.sql.ENQUEUE into *table*, with the values ``bench.noop.delay()`` binds: as ``:name`` variables
+    that pgbench -M prepared binds as parameters (*style* 'pgbench'; NULLs stay literal, as pgbench cannot
+    bind one), or written in (*style* 'literal', for PL/pgSQL; without its RETURNING clause)."""
+    text = pgq_sql.ENQUEUE.replace("INSERT INTO pgq.jobs ", f"INSERT INTO {table} ")
+    for name, value in delay_params().items():
+        if value is None:
+            rendered = "NULL"
+        elif style == "pgbench":
+            rendered = f":{name}"
+        elif isinstance(value, str):
+            rendered = "'" + value.replace("'", "''") + "'"
+        else:
+            rendered = str(value).lower() if isinstance(value, bool) else str(value)
+        text = text.replace(f"%({name})s", rendered)
+    text = " ".join(text.split())
+    return text.removesuffix(" RETURNING id") if style == "literal" else text
+
+
+def enqueue_defines() -> list[str]:
+    """pgbench ``-D name=value`` options for enqueue_statement()'s variables."""
+    out = []
+    for name, value in delay_params().items():
+        if value is not None:
+            out += ["-D", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]
+    return out
+
+
+def delay_params() -> dict[str, Any]:
+    from pgq import enqueue as pgq_enqueue
+
+    return pgq_enqueue.build(tasks.noop.name).params()
+
+
+def run_pgbench(label: str, statement: str, options: list[str], url: str, seconds: int, logdir: Path,
+                embedded: bool) -> Row:
+    """``pgbench -n -M prepared -c 1 -T seconds`` with *statement* as its script: tps and average latency."""
+    row = Row(label)
     binary = pgbench_binary(embedded)
     if binary is None:
         row.notes.append("NOT RUN: no pgbench found (the embedded server's bin/ or PATH)")
         return row
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {PGBENCH_TABLE}")
+        conn.execute(f"TRUNCATE {PGBENCH_TABLE}, pgq.jobs")
     checkpoint(url)
-    script = logdir / "pgbench-insert.sql"
-    script.write_text(PGBENCH_SCRIPT)
-    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), "-f", str(script)]
+    script = logdir / "pgbench-script.sql"
+    script.write_text(statement + ";\n")
+    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), *options, "-f", str(script)]
     try:
         out = subprocess.run(cmd, env=libpq_env(url), capture_output=True, text=True, timeout=seconds + 60)
     except subprocess.TimeoutExpired:
         row.notes.append(f"TIMEOUT: pgbench ran over {seconds + 60} s")
         return row
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"TRUNCATE {PGBENCH_TABLE}, pgq.jobs")
     text = out.stdout + out.stderr
     found = {}
     for line in text.splitlines():
@@ -649,8 +703,7 @@ def pgbench_baseline(url: str, seconds: int, logdir: Path, embedded: bool) -> Ro
         row.notes.append(f"FAILED (exit {out.returncode}): {text.strip()[-500:]}")
         return row
     row.rate, row.jobs, row.seconds = found["tps"], found.get("n"), float(seconds)
-    row.notes.append(f"{Path(binary).name} {' '.join(cmd[1:-1])} <script> ({binary}); script: "
-                     f"{PGBENCH_SCRIPT.strip()!r} into {PGBENCH_TABLE} (id identity primary key, v int); "
+    row.notes.append(f"{Path(binary).name} -n -M prepared -c 1 -T {seconds} ({binary}); script: {statement!r}; "
                      f"latency average {found.get('latency', float('nan')):.3f} ms; tps without the initial "
                      "connection time")
     return row
@@ -967,8 +1020,10 @@ class Peers:
 # --- the comparison table ----------------------------------------------------------------------------
 
 
-def comparison(pgq_rows: dict[str, Row], peers: PeerResults, pgbench: Row | None, plan: Plan) -> list[str]:
-    """Rows = scenarios, columns = pgq, the peers, and pgq's ratio to each peer."""
+def comparison(pgq_rows: dict[str, Row], peers: PeerResults, pgbench: Row | None, plan: Plan,
+               ceiling: Row | None = None) -> list[str]:
+    """Rows = scenarios, columns = pgq, the peers, and pgq's ratio to each peer. *ceiling*: pgbench running
+    pgq's own enqueue INSERT, shown against the peers' enqueue rates."""
     libs = peer_defs.LIBS
     n = f"{plan.drain_jobs:,}"
 
@@ -1039,6 +1094,13 @@ def comparison(pgq_rows: dict[str, Row], peers: PeerResults, pgbench: Row | None
     out.append("  ratio = pgq / peer: above 1 means pgq is faster (jobs/s); below 1 means pgq is better (ms, MB)")
     out.append("  the peers have one configuration each, so their number repeats in the two pgq drain variants; "
                "neither stores a return value (PgQueuer logs a status row, procrastinate keeps the job row)")
+    if ceiling is not None and ceiling.rate:
+        theirs = [f"{ceiling.rate / r:.2f}x {peer_defs.DISPLAY[lib]}'s" for lib in libs
+                  if (r := rate(peer(lib, "enqueue")))]
+        out.append(f"  enqueue ceiling: pgbench running pgq's own enqueue INSERT (no Python at all) did "
+                   f"{ceiling.rate:,.0f} tps" + (f", {' and '.join(theirs)} enqueue rate" if theirs else "") +
+                   (f", {100 * ceiling.rate / tps:.0f}% of pgbench's one-column INSERT" if tps else "") +
+                   "; a Python client of pgq.jobs stays below it (benchmarks/enqueue_anatomy.py takes it apart)")
     if fallback:
         out.append(f"  * pgq has no app.enqueue_many yet: its bulk number is {n} apply_async(connection=conn) calls "
                    "in one transaction (one round trip per job), not a batch insert")
@@ -1160,6 +1222,7 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
     rows: list[Row] = []
     keyed: dict[str, Row] = {}  # pgq's rows the comparison table reads
     pgbench_row: Row | None = None
+    ceiling_row: Row | None = None  # pgbench running pgq's own enqueue INSERT
 
     def progress(text: str) -> None:
         print(f"  ... {text}", file=sys.stderr, flush=True)
@@ -1200,6 +1263,9 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
             progress(f"pgbench baseline ({plan.pgbench_seconds} s)")
             pgbench_row = pgbench_baseline(url, plan.pgbench_seconds, logdir, embedded)
             rows.append(pgbench_row)
+            progress(f"pgbench running pgq's enqueue INSERT ({plan.pgbench_seconds} s)")
+            ceiling_row = pgbench_pgq_enqueue(url, plan.pgbench_seconds, logdir, embedded)
+            rows.append(ceiling_row)
         scenarios = [(tasks.noop, 1, "drain: 1 worker, results stored"),
                      (tasks.noop_ignore, 1, "drain: 1 worker, ignore_result"),
                      (tasks.noop, 2, "drain: 2 workers, results stored")]
@@ -1254,7 +1320,7 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
             if peer_rows:
                 print()
                 print("\n".join(render(peer_rows)))
-            print("\n".join(comparison(keyed, results, pgbench_row, plan)))
+            print("\n".join(comparison(keyed, results, pgbench_row, plan, ceiling_row)))
             print(f"\n  {load_average()} at the end")
 
 

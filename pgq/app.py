@@ -37,6 +37,7 @@ class App:
         self._pool: ConnectionPool | None = None
         self._pool_size = pool_size
         self._lock = threading.RLock()
+        self._enqueue_statement = enqueue.PreparedEnqueue()  # delay()'s INSERT on the pool's connections
         self.tasks: dict[str, Task] = {}
         self.schedules: dict[str, Schedule] = {}  # periodic schedules by name (see add_periodic)
         self.queues: dict[str, limits.Limit] = {}  # queue limits by queue name (see queue())
@@ -223,9 +224,10 @@ class App:
     def _enqueue(self, spec: enqueue.JobSpec, connection: Any) -> AsyncResult:
         if connection is not None:
             job_id, inserted = enqueue.write(connection, spec)
+        elif spec.unique_key is None:
+            job_id, inserted = self.run(lambda conn: self._enqueue_statement.insert(conn, spec)), True
         else:
-            job_id, inserted = self.run(lambda conn: enqueue.write(conn, spec),
-                                        transaction=spec.unique_key is not None)
+            job_id, inserted = self.run(lambda conn: enqueue.write(conn, spec), transaction=True)
         handle = AsyncResult(self, job_id)
         handle.deduplicated = not inserted
         return handle

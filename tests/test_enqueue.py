@@ -109,3 +109,52 @@ def _check_outcome(app, conn, handle, outcome):
 def test_connection_of_wrong_type_is_refused(app):
     with pytest.raises(TypeError, match="psycopg Connection"):
         apps.add.apply_async(args=(1, 2), connection=object())
+
+
+# --- delay()'s INSERT through libpq (pgq.enqueue.PreparedEnqueue) ------------------------------------
+
+
+def test_prepared_enqueue_stores_every_value_as_psycopg_would(app, conn):
+    """Text rendering of each parameter: non-ASCII JSON, floats, booleans, an aware eta, NULLs."""
+    from datetime import datetime, timedelta, timezone
+
+    eta = datetime.now(timezone(timedelta(hours=5, minutes=30))) + timedelta(hours=1)
+    handle = apps.echo.apply_async(args=["é 日本 \u2603", 1.5, None, True], kwargs={"k": {"n": [1e-7, -0.0]}},
+                                   eta=eta, priority=-3, max_attempts=7, retry_backoff=0.25, lease_seconds=45,
+                                   ignore_result=True, queue="q:1")
+    row = conn.execute("SELECT args, kwargs, priority, max_attempts, retry_backoff, lease_seconds, ignore_result, "
+                       "run_at, queue, limited FROM pgq.jobs WHERE id = %s", (handle.id,)).fetchone()
+    assert row == (["é 日本 \u2603", 1.5, None, True], {"k": {"n": [1e-7, -0.0]}}, -3, 7, 0.25, 45, True, eta, "q:1",
+                   False)
+    later = apps.echo.apply_async(args=[1], countdown=90.5)
+    assert scalar(conn, "SELECT extract(epoch FROM run_at - created_at) FROM pgq.jobs WHERE id = %s",
+                  (later.id,)) == pytest.approx(90.5, abs=0.5)
+
+
+def test_prepared_enqueue_survives_deallocate_and_raises_psycopg_errors(app, conn):
+    first = apps.add.delay(1, 2)
+    name = pgq.enqueue.PreparedEnqueue.NAME.decode()
+    assert app.run(lambda c: c.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s",
+                                       (name,)).fetchone()[0]) == 1  # the fast path was taken
+    # Drop every prepared statement on the pool's connections: the next delay() prepares its INSERT again.
+    for _ in range(4):
+        app.run(lambda c: c.execute("DEALLOCATE ALL"))
+    second = apps.add.delay(3, 4)
+    assert second.id > first.id
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
+    # A refusal from the server arrives as psycopg's own exception class, and writes nothing.
+    conn.execute("ALTER TABLE pgq.jobs ADD CONSTRAINT test_no_add CHECK (task_name <> 'tests.add') NOT VALID")
+    conn.commit()
+    with pytest.raises(psycopg.errors.CheckViolation, match="test_no_add"):
+        apps.add.delay(5, 6)
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
+    assert apps.echo.delay("still fine").id > second.id  # the connection is usable after the error
+
+
+def test_prepared_enqueue_is_not_used_without_prepared_statements(app, conn, monkeypatch):
+    monkeypatch.setenv("PGQ_PREPARE", "0")
+    app.close()  # the pool is opened again with PGQ_PREPARE=0
+    handle = apps.add.delay(1, 2)
+    statements = app.run(lambda c: c.execute("SELECT name FROM pg_prepared_statements").fetchall())
+    assert statements == []
+    assert scalar(conn, "SELECT task_name FROM pgq.jobs WHERE id = %s", (handle.id,)) == "tests.add"
