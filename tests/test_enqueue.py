@@ -132,23 +132,29 @@ def test_prepared_enqueue_stores_every_value_as_psycopg_would(app, conn):
 
 
 def test_prepared_enqueue_survives_deallocate_and_raises_psycopg_errors(app, conn):
-    first = apps.add.delay(1, 2)
-    name = pgq.enqueue.PreparedEnqueue.NAME.decode()
-    assert app.run(lambda c: c.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s",
-                                       (name,)).fetchone()[0]) == 1  # the fast path was taken
-    # Drop every prepared statement on the pool's connections: the next delay() prepares its INSERT again.
-    for _ in range(4):
-        app.run(lambda c: c.execute("DEALLOCATE ALL"))
-    second = apps.add.delay(3, 4)
-    assert second.id > first.id
-    assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
-    # A refusal from the server arrives as psycopg's own exception class, and writes nothing.
-    conn.execute("ALTER TABLE pgq.jobs ADD CONSTRAINT test_no_add CHECK (task_name <> 'tests.add') NOT VALID")
-    conn.commit()
-    with pytest.raises(psycopg.errors.CheckViolation, match="test_no_add"):
-        apps.add.delay(5, 6)
-    assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
-    assert apps.echo.delay("still fine").id > second.id  # the connection is usable after the error
+    solo = pgq.App(app.database_url, pool_size=1)  # one pooled connection: every delay() takes it
+    task = solo.task(name="tests.solo")(lambda: None)
+    try:
+        first = task.delay()
+        (pooled,) = list(solo._enqueue_statement._ready)  # the connection the INSERT is prepared on
+        name = pgq.enqueue.PreparedEnqueue.NAME.decode()
+        assert pooled.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s",
+                              (name,)).fetchone()[0] == 1
+        pooled.execute("DEALLOCATE ALL")  # gone: the next delay() is refused (26000), prepares it again
+        second = task.delay()
+        assert second.id > first.id
+        assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
+        # A refusal from the server arrives as psycopg's own exception class, and writes nothing.
+        conn.execute("ALTER TABLE pgq.jobs ADD CONSTRAINT test_no_solo CHECK (task_name <> 'tests.solo') NOT VALID")
+        conn.commit()
+        with pytest.raises(psycopg.errors.CheckViolation, match="test_no_solo"):
+            task.delay()
+        assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 2
+        conn.execute("ALTER TABLE pgq.jobs DROP CONSTRAINT test_no_solo")
+        conn.commit()
+        assert task.delay().id > second.id  # the connection is usable after the error
+    finally:
+        solo.close()
 
 
 def test_prepared_enqueue_is_not_used_without_prepared_statements(app, conn, monkeypatch):
