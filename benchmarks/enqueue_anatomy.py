@@ -7,24 +7,26 @@ README's performance section). This measures what each layer of pgq's enqueue co
 read off instead of guessed. Each table variant is a copy of ``pgq.jobs`` (schema ``anatomy``) with one
 more layer than the one before:
 
-  trivial      run.py's pgbench baseline table: (id identity primary key, v int)
-  row          pgq.jobs's columns and defaults, primary key only
+  trivial      run.py's pgbench baseline: INSERT INTO (id identity primary key, v int) VALUES (1)
+  row          pgq.jobs's columns and defaults, primary key only: INSERT (queue, task_name) VALUES (...)
+  + statement  the same table, pgq's own statement: pgq.sql.ENQUEUE with the values delay() binds for a
+               no-argument task (13 parameters, the pgq.limits look-up that sets `limited`)
   + indexes    pgq.jobs's partial indexes (a waiting job enters two of them: the primary key and the claim index)
   + checks     pgq.jobs's CHECK constraints
   pgq.jobs     the real table: + the jobs_notify trigger (one NOTIFY per statement and queue, sent at commit)
 
-The variants from ``row`` on take pgq's own statement (pgq.sql.ENQUEUE, with the values ``delay()`` sends
-for a no-argument task, the limits look-up included); ``trivial`` takes pgbench's one-column INSERT. Two
-numbers each:
+Two numbers each:
 
 - executor: microseconds per INSERT of a cached plan, run in a PL/pgSQL loop inside one transaction: no
   client, no network, no commit. What the table's shape costs PostgreSQL's executor per statement.
 - transaction: ``pgbench -n -M prepared -c 1``, one INSERT per committed transaction (the WAL flush
   included), as transactions per second and average latency: the ceiling for a client with no cost.
 
-Then the Python layers, on pgq.jobs: pgq's statement through psycopg (one connection, prepared,
-execute + fetchall), and ``delay()`` itself (pgq's pool, validation and all). Wall time per call, and
-the producer thread's CPU per call (time.thread_time).
+Then Python clients, one INSERT per transaction: pgbench's trivial INSERT through psycopg (prepared,
+execute + fetchall) and straight through libpq (what any Python client of any queue reaches at best),
+pgq's statement through psycopg, and ``delay()`` itself (pgq's pool, validation and its libpq path). Wall
+time per call, the rate as a share of pgbench's on the trivial table, and the producer thread's CPU per
+call (time.thread_time).
 
 Every measurement runs ``--rounds`` times, the variants interleaved, and the median is shown. Without a
 URL it starts an embedded PostgreSQL as run.py does (same settings), in a fresh database.
@@ -54,14 +56,23 @@ from pgq import sql  # noqa: E402
 
 TASK = "bench.noop"
 TRIVIAL = "anatomy.trivial"
+TRIVIAL_INSERT = f"INSERT INTO {TRIVIAL} (v) VALUES (1) RETURNING id"
 # (label, table): each a copy of pgq.jobs with one more layer; see the module docstring.
 VARIANTS = [
-    ("row: pgq.jobs's columns, primary key only", "anatomy.row"),
+    ("+ pgq's statement (parameters, limits look-up)", "anatomy.row"),
     ("+ pgq.jobs's other indexes (all partial)", "anatomy.indexed"),
     ("+ pgq.jobs's CHECK constraints", "anatomy.checked"),
     ("pgq.jobs: + the NOTIFY trigger", "pgq.jobs"),
 ]
 EXECUTOR_LOOP = 20_000  # INSERTs per executor measurement
+# (key, label) of the Python measurements: the trivial table first (what any Python client reaches at best),
+# then pgq's own statement and delay().
+PYTHON_LAYERS = [
+    ("trivial-psycopg", "trivial INSERT through psycopg (prepared)"),
+    ("trivial-libpq", "trivial INSERT through libpq (no psycopg)"),
+    ("psycopg", "pgq's INSERT through psycopg (prepared)"),
+    ("delay", "delay(): pgq's INSERT as pgq sends it"),
+]
 
 
 def setup(url: str) -> None:
@@ -134,6 +145,23 @@ def python_call(fn: Callable[[], object], seconds: float) -> tuple[float, float]
     return (time.perf_counter() - wall0) / calls * 1e6, (time.thread_time() - cpu0) / calls * 1e6
 
 
+def libpq_call(conn: psycopg.Connection, statement: str) -> Callable[[], object]:
+    """*statement* as a named prepared statement, executed through libpq with psycopg's wait loop only:
+    the least a Python client can do per call (pgq's PreparedEnqueue does this for delay())."""
+    from psycopg import generators, pq
+
+    conn.pgconn.prepare(b"anatomy", statement.encode())
+
+    def call() -> object:
+        conn.pgconn.send_query_prepared(b"anatomy", [])
+        result = conn.wait(generators.execute(conn.pgconn))[-1]
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise RuntimeError(result.error_message.decode())
+        return result.get_value(0, 0)
+
+    return call
+
+
 def empty(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TRIVIAL}, anatomy.row, anatomy.indexed, anatomy.checked, pgq.jobs")
@@ -143,12 +171,15 @@ def measure(url: str, seconds: int, rounds: int, logdir: Path, embedded: bool) -
     binary = bench.pgbench_binary(embedded)
     if binary is None:
         raise SystemExit("no pgbench found (the embedded server's bin/ or PATH)")
-    rows: list[tuple[str, str, str]] = [("trivial: (id identity primary key, v int)", TRIVIAL,
-                                         f"INSERT INTO {TRIVIAL} (v) VALUES (1)")]
+    rows: list[tuple[str, str, str]] = [
+        ("trivial: (id identity primary key, v int)", TRIVIAL, f"INSERT INTO {TRIVIAL} (v) VALUES (1)"),
+        ("row: pgq.jobs's columns, primary key only", "anatomy.row",
+         "INSERT INTO anatomy.row (queue, task_name) VALUES ('default', 'bench.noop')"),
+    ]
     rows += [(label, table, "") for label, table in VARIANTS]
     executor: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     tps: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in rows}
-    python: dict[str, list[tuple[float, float]]] = {"psycopg": [], "delay": []}
+    python: dict[str, list[tuple[float, float]]] = {key: [] for key, _ in PYTHON_LAYERS}
 
     app = pgq.App(url)
     noop = app.task(name=TASK)(lambda: None)
@@ -160,13 +191,19 @@ def measure(url: str, seconds: int, rounds: int, logdir: Path, embedded: bool) -
             executor[label].append(executor_us(url, trivial or bench.enqueue_statement(table, "literal")))
             empty(url)
             tps[label].append(pgbench_tps(url, binary, trivial or bench.enqueue_statement(table), seconds, logdir))
-        empty(url)
-        bench.checkpoint(url)
-        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            python["psycopg"].append(python_call(lambda c=conn: c.execute(sql.ENQUEUE, params).fetchall(), seconds))
-        empty(url)
-        bench.checkpoint(url)
-        python["delay"].append(python_call(noop.delay, seconds))
+        calls: dict[str, Callable[[psycopg.Connection], Callable[[], object]]] = {
+            "trivial-psycopg": lambda c: lambda: c.execute(TRIVIAL_INSERT).fetchall(),
+            "trivial-libpq": lambda c: libpq_call(c, TRIVIAL_INSERT),
+            "psycopg": lambda c: lambda: c.execute(sql.ENQUEUE, params).fetchall(),
+        }
+        for key, _ in PYTHON_LAYERS:
+            empty(url)
+            bench.checkpoint(url)
+            if key == "delay":
+                python[key].append(python_call(noop.delay, seconds))
+                continue
+            with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
+                python[key].append(python_call(calls[key](conn), seconds))
     app.close()
     empty(url)
 
@@ -178,21 +215,24 @@ def measure(url: str, seconds: int, rounds: int, logdir: Path, embedded: bool) -
         ex = statistics.median(executor[label])
         t = statistics.median(x[0] for x in tps[label])
         lat = statistics.median(x[1] for x in tps[label])
-        step = "" if before is None or label.startswith("row") else f"{ex - before[0]:+5.0f}"
-        lat_step = "" if before is None or label.startswith("row") else f"{(lat - before[1]) * 1000:+5.0f}"
+        step = "" if before is None else f"{ex - before[0]:+5.0f}"
+        lat_step = "" if before is None else f"{(lat - before[1]) * 1000:+5.0f}"
         print(f"{label:48s}  {ex:11.1f}  {step:>5s}  {t:11,.0f}  {lat:10.3f}  {lat_step:>5s}")
         before = (ex, lat)
+    floor = statistics.median(x[0] for x in tps[rows[0][0]])
     print()
-    print(f"{'Python, on pgq.jobs':48s}  {'wall us':>11s}  {'calls/s':>11s}  {'client CPU us':>13s}")
-    for key, label in (("psycopg", "pgq's statement through psycopg (prepared)"), ("delay", "delay()")):
+    print(f"{'Python, one INSERT per transaction':48s}  {'wall us':>11s}  {'calls/s':>11s}  {'% of pgbench':>12s}  "
+          f"{'client CPU us':>13s}")
+    for key, label in PYTHON_LAYERS:
         wall = statistics.median(x[0] for x in python[key])
         cpu = statistics.median(x[1] for x in python[key])
-        print(f"{label:48s}  {wall:11.0f}  {1e6 / wall:11,.0f}  {cpu:13.0f}")
+        print(f"{label:48s}  {wall:11.0f}  {1e6 / wall:11,.0f}  {100 * 1e6 / wall / floor:11.0f}%  {cpu:13.0f}")
     print()
     print("  executor: per INSERT, cached plan, PL/pgSQL loop in one transaction (no client, no commit); "
           f"{EXECUTOR_LOOP:,} per run")
     print(f"  pgbench: -n -M prepared -c 1 -T {seconds}, one INSERT per committed transaction; "
           "+us: latency added by the layer")
+    print(f"  % of pgbench: calls/s against pgbench's {floor:,.0f} tps on the trivial table (run.py's baseline)")
     print(f"  medians of {rounds} rounds; every measurement starts from empty tables")
 
 
