@@ -97,6 +97,8 @@ def build(
         raise EnqueueError(f"task name must be a non-empty string, got {task_name!r}")
     if len(task_name) > MAX_TASK_NAME:
         raise EnqueueError(f"task name {task_name[:40]!r}… is longer than {MAX_TASK_NAME} characters")
+    if "\x00" in task_name or _not_utf8(task_name):
+        raise EnqueueError(f"task name {task_name!r} cannot be stored: PostgreSQL text is UTF-8 without NUL characters")
 
     def refuse(problem: str) -> EnqueueError:
         return EnqueueError(f"cannot enqueue {task_name}: {problem}")
@@ -272,6 +274,14 @@ def unique_for_seconds(value: Any) -> float | None:
     return float(seconds)
 
 
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return True
+    return False
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -291,9 +301,11 @@ class PreparedEnqueue:
     statement whose parameters are rendered as text here.
 
     psycopg's ``execute()`` builds a cursor, a transformer, a dumper per parameter, a prepared-statement
-    cache entry and a row maker on every call. For one enqueue on a quiet machine that was 81-95 us of the
-    producer thread's CPU against 49-61 us this way, and about 40 us of wall time a call, a tenth of a
-    ``delay()`` (benchmarks/enqueue_anatomy.py takes a delay() apart). Used only where every fact is known:
+    cache entry and a row maker on every call: 81-95 us of the producer thread's CPU per enqueue against
+    49-61 us this way, on one connection. In ``delay()`` (A/B in one process, medians of 5 runs of 3,000):
+    136 -> 113 us of CPU and 432 -> 419 us of wall time; most of a delay() is the server's, which
+    benchmarks/enqueue_anatomy.py takes apart. build() has refused what text parameters cannot carry
+    (NUL characters, lone surrogates) before this runs. Used only where every fact is known:
     pgq's own autocommit connections with prepared statements on (not with PGQ_PREPARE=0, pgq's sign of a
     transaction pooler that cannot keep them) and UTF-8. Every other connection, the user's own included,
     goes through psycopg. Errors are psycopg's own exception classes, built from the server's result.

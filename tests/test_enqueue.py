@@ -164,3 +164,11 @@ def test_prepared_enqueue_is_not_used_without_prepared_statements(app, conn, mon
     statements = app.run(lambda c: c.execute("SELECT name FROM pg_prepared_statements").fetchall())
     assert statements == []
     assert scalar(conn, "SELECT task_name FROM pgq.jobs WHERE id = %s", (handle.id,)) == "tests.add"
+
+
+@pytest.mark.parametrize("name", ["tests.a\x00b", "tests.a\ud800b"])
+def test_task_names_postgres_cannot_store_are_refused_before_writing(app, conn, name):
+    # A text parameter cannot carry them: libpq would cut the name at the NUL, UTF-8 has no lone surrogates.
+    with pytest.raises(pgq.EnqueueError, match="cannot be stored"):
+        app.send_task(name)
+    assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 0
