@@ -3,6 +3,7 @@ connection or inside the caller's transaction."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -105,16 +106,7 @@ def build(
 
     if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
         raise refuse(f"queue name {queue!r} must be 1-100 characters of letters, digits, '_', '.', ':' or '-'")
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise refuse(f"args must be a list or tuple, got {type(args).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise refuse("kwargs must be a dict with string keys")
-    args_json = serialization.dumps(list(args), what=f"an argument of {task_name}")
-    kwargs_json = serialization.dumps(dict(kwargs), what=f"a keyword argument of {task_name}")
-    size = len(args_json.encode()) + len(kwargs_json.encode())
-    if size > max_payload_bytes():
-        raise refuse(f"arguments take {size} bytes as JSON, over the limit of {max_payload_bytes()} bytes")
+    args_json, kwargs_json = arguments_json(task_name, args, kwargs)
 
     if isinstance(priority, bool) or not isinstance(priority, int) or not (
         PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]
@@ -172,6 +164,33 @@ def build(
         concurrency_key=concurrency_key,
         key_concurrency=key_limit,
     )
+
+
+def arguments_json(task_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
+    """*args* and *kwargs* as JSON texts, or EnqueueError naming the task and the problem."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise EnqueueError(f"cannot enqueue {task_name}: args must be a list or tuple, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise EnqueueError(f"cannot enqueue {task_name}: kwargs must be a dict with string keys")
+    args_json = "[]" if not args else serialization.dumps(list(args), what=f"an argument of {task_name}")
+    kwargs_json = "{}" if not kwargs else serialization.dumps(dict(kwargs), what=f"a keyword argument of {task_name}")
+    size = len(args_json.encode()) + len(kwargs_json.encode())
+    if size > max_payload_bytes():
+        raise EnqueueError(f"cannot enqueue {task_name}: arguments take {size} bytes as JSON, over the limit of "
+                           f"{max_payload_bytes()} bytes")
+    return args_json, kwargs_json
+
+
+def with_arguments(base: JobSpec, args: Any, kwargs: Any) -> JobSpec:
+    """*base* (options validated by build(), no unique key) with these arguments, checked as build() checks
+    them. For ``delay()``: a task's options are validated once, not at every call (building the whole
+    spec was 45 of a delay()'s 138 us of CPU, in a loop that also waited on the database)."""
+    spec = copy.copy(base)
+    args_json, kwargs_json = arguments_json(base.task_name, args, kwargs)
+    object.__setattr__(spec, "args", args_json)  # a fresh copy of a frozen spec; nothing else sees it yet
+    object.__setattr__(spec, "kwargs", kwargs_json)
+    return spec
 
 
 def bulk_job(index: int, base: JobSpec, args: Any, kwargs: Any, limit: int) -> str:

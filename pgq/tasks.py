@@ -196,6 +196,11 @@ class Task:
         ``concurrency_key`` (default: the task's) with ``key_concurrency`` (default: the task's, else 1): at
         most that many jobs with this key run at once, across all workers. See docs/limits.md."""
         args = () if args is None else args
+        if (countdown is None and eta is None and priority is None and queue is None and max_attempts is None
+                and lease_seconds is None and ignore_result is None and retry_backoff is None and unique_key is None
+                and unique_for is None and concurrency_key is None and key_concurrency is None
+                and not self.unique and self.unique_key is None and not callable(self.concurrency_key)):
+            return self.app._enqueue(enqueue.with_arguments(self._default_spec(), args, kwargs), connection)
         spec = self._spec(
             args=args,
             kwargs=kwargs,
@@ -247,6 +252,16 @@ class Task:
         except (TypeError, ValueError):
             return None  # build() refuses these arguments, with the message that names the culprit
         return f"{self.name}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+    def _default_spec(self) -> enqueue.JobSpec:
+        """The spec of a call without options (no arguments yet), built once per set of the task's defaults
+        (they are plain attributes, which code may change after registration)."""
+        key = (self.queue, self.priority, self.max_attempts, self.retry_backoff, self.lease_seconds,
+               self.ignore_result, self.concurrency_key, self.key_concurrency)
+        cached = self.__dict__.get("_default")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_default"] = (key, self._spec())
+        return cached[1]
 
     def _spec(self, **overrides: Any) -> enqueue.JobSpec:
         options = {

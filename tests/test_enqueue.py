@@ -172,3 +172,20 @@ def test_task_names_postgres_cannot_store_are_refused_before_writing(app, conn, 
     with pytest.raises(pgq.EnqueueError, match="cannot be stored"):
         app.send_task(name)
     assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 0
+
+
+def test_delay_follows_task_defaults_changed_after_registration(app, conn):
+    """delay() keeps a task's option-less spec, rebuilt when the task's defaults change."""
+    solo = pgq.App(app.database_url, pool_size=1)
+    task = solo.task(name="tests.mutable", queue="first")(lambda *a: None)
+    try:
+        a = task.delay(1)
+        task.queue, task.priority = "second", 4
+        b = task.delay(2)
+        rows = conn.execute("SELECT queue, priority, args FROM pgq.jobs WHERE id IN (%s, %s) ORDER BY id",
+                            (a.id, b.id)).fetchall()
+        assert rows == [("first", 0, [1]), ("second", 4, [2])]
+        with pytest.raises(pgq.EnqueueError, match=r"cannot enqueue tests\.mutable: args must be a list or tuple"):
+            task.apply_async(args="12")
+    finally:
+        solo.close()
