@@ -81,7 +81,8 @@ class App:
     def _pooled(self) -> Iterator[psycopg.Connection]:
         """A connection of pgq's pool of autocommit connections (opened on first use), returned after the
         block. getconn/putconn, not the pool's connection(): that one also enters the connection's own
-        context, whose commit on exit is a no-op in autocommit mode but cost a delay() about 25 us."""
+        context, whose commit on exit is a no-op in autocommit mode. run() around one INSERT added 25 us of
+        wall time with it and 11 us without (medians of 5 runs of 3,000)."""
         pool = self._pool
         if pool is None:
             with self._lock:
