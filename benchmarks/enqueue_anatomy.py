@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -115,21 +114,11 @@ def executor_us(url: str, insert: str) -> float:
 
 
 def pgbench_tps(url: str, binary: str, script: str, seconds: int, logdir: Path) -> tuple[float, float]:
-    """(tps, average latency ms) of ``pgbench -n -M prepared -c 1 -T seconds`` running *script*."""
-    path = logdir / "anatomy.sql"
-    path.write_text(script + ";\n")
-    bench.checkpoint(url)
-    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), *bench.enqueue_defines(), "-f", str(path)]
-    out = subprocess.run(cmd, env=bench.libpq_env(url), capture_output=True, text=True, timeout=seconds + 60)
-    tps = latency = None
-    for line in out.stdout.splitlines():
-        if line.startswith("tps = "):
-            tps = float(line.split()[2])
-        elif line.startswith("latency average = "):
-            latency = float(line.split()[3])
-    if out.returncode != 0 or tps is None or latency is None:
-        raise RuntimeError(f"pgbench failed (exit {out.returncode}): {(out.stdout + out.stderr).strip()[-400:]}")
-    return tps, latency
+    """(tps, average latency ms) of run.py's pgbench command running *script*."""
+    found, returncode, text = bench.pgbench(binary, url, script, bench.enqueue_defines(), seconds, logdir)
+    if returncode != 0 or "tps" not in found or "latency" not in found:
+        raise RuntimeError(f"pgbench failed (exit {returncode}): {text.strip()[-400:]}")
+    return found["tps"], found["latency"]
 
 
 def python_call(fn: Callable[[], object], seconds: float) -> tuple[float, float]:

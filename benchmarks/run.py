@@ -668,6 +668,27 @@ def delay_params() -> dict[str, Any]:
     return pgq_enqueue.build(tasks.noop.name).params()
 
 
+def pgbench(binary: str, url: str, statement: str, options: list[str], seconds: int,
+            logdir: Path) -> tuple[dict[str, float], int, str]:
+    """``pgbench -n -M prepared -c 1 -T seconds`` with *statement* as its script, after a CHECKPOINT: what it
+    printed of tps, average latency (ms) and transactions (keys 'tps', 'latency', 'n'), its exit code and
+    its output. Raises subprocess.TimeoutExpired a minute past *seconds*."""
+    checkpoint(url)
+    script = logdir / "pgbench-script.sql"
+    script.write_text(statement + ";\n")
+    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), *options, "-f", str(script)]
+    out = subprocess.run(cmd, env=libpq_env(url), capture_output=True, text=True, timeout=seconds + 60)
+    found: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            found["tps"] = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            found["latency"] = float(line.split()[3])
+        elif line.startswith("number of transactions actually processed: "):
+            found["n"] = int(line.split(":")[1].split()[0].split("/")[0])
+    return found, out.returncode, out.stdout + out.stderr
+
+
 def run_pgbench(label: str, statement: str, options: list[str], url: str, seconds: int, logdir: Path,
                 embedded: bool) -> Row:
     """``pgbench -n -M prepared -c 1 -T seconds`` with *statement* as its script: tps and average latency."""
@@ -678,31 +699,18 @@ def run_pgbench(label: str, statement: str, options: list[str], url: str, second
         return row
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {PGBENCH_TABLE}, pgq.jobs")
-    checkpoint(url)
-    script = logdir / "pgbench-script.sql"
-    script.write_text(statement + ";\n")
-    cmd = [binary, "-n", "-M", "prepared", "-c", "1", "-T", str(seconds), *options, "-f", str(script)]
     try:
-        out = subprocess.run(cmd, env=libpq_env(url), capture_output=True, text=True, timeout=seconds + 60)
+        found, returncode, text = pgbench(binary, url, statement, options, seconds, logdir)
     except subprocess.TimeoutExpired:
         row.notes.append(f"TIMEOUT: pgbench ran over {seconds + 60} s")
         return row
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"TRUNCATE {PGBENCH_TABLE}, pgq.jobs")
-    text = out.stdout + out.stderr
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("tps = "):
-            found["tps"] = float(line.split()[2])
-        elif line.startswith("latency average = "):
-            found["latency"] = float(line.split()[3])
-        elif line.startswith("number of transactions actually processed: "):
-            found["n"] = int(line.split(":")[1].split()[0].split("/")[0])
-    if out.returncode != 0 or "tps" not in found:
-        row.notes.append(f"FAILED (exit {out.returncode}): {text.strip()[-500:]}")
+    if returncode != 0 or "tps" not in found:
+        row.notes.append(f"FAILED (exit {returncode}): {text.strip()[-500:]}")
         return row
-    row.rate, row.jobs, row.seconds = found["tps"], found.get("n"), float(seconds)
+    row.rate, row.jobs, row.seconds = found["tps"], int(found.get("n", 0)) or None, float(seconds)
     row.notes.append(f"{Path(binary).name} -n -M prepared -c 1 -T {seconds} ({binary}); script: {statement!r}; "
                      f"latency average {found.get('latency', float('nan')):.3f} ms; tps without the initial "
                      "connection time")

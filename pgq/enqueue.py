@@ -98,8 +98,9 @@ def build(
         raise EnqueueError(f"task name must be a non-empty string, got {task_name!r}")
     if len(task_name) > MAX_TASK_NAME:
         raise EnqueueError(f"task name {task_name[:40]!r}… is longer than {MAX_TASK_NAME} characters")
-    if "\x00" in task_name or _not_utf8(task_name):
-        raise EnqueueError(f"task name {task_name!r} cannot be stored: PostgreSQL text is UTF-8 without NUL characters")
+    problem = text_key_problem(task_name, "task name")  # NUL, lone surrogates: a text parameter cannot carry them
+    if problem:
+        raise EnqueueError(problem)
 
     def refuse(problem: str) -> EnqueueError:
         return EnqueueError(f"cannot enqueue {task_name}: {problem}")
@@ -166,8 +167,9 @@ def build(
     )
 
 
-def arguments_json(task_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
-    """*args* and *kwargs* as JSON texts, or EnqueueError naming the task and the problem."""
+def arguments_json(task_name: str, args: Any, kwargs: Any, limit: int | None = None) -> tuple[str, str]:
+    """*args* and *kwargs* as JSON texts, or EnqueueError naming the task and the problem. *limit*: the
+    payload limit in bytes, max_payload_bytes() unless given (a bulk enqueue reads it once)."""
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise EnqueueError(f"cannot enqueue {task_name}: args must be a list or tuple, got {type(args).__name__}")
     kwargs = {} if kwargs is None else kwargs
@@ -175,10 +177,12 @@ def arguments_json(task_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
         raise EnqueueError(f"cannot enqueue {task_name}: kwargs must be a dict with string keys")
     args_json = "[]" if not args else serialization.dumps(list(args), what=f"an argument of {task_name}")
     kwargs_json = "{}" if not kwargs else serialization.dumps(dict(kwargs), what=f"a keyword argument of {task_name}")
-    size = len(args_json.encode()) + len(kwargs_json.encode())
-    if size > max_payload_bytes():
-        raise EnqueueError(f"cannot enqueue {task_name}: arguments take {size} bytes as JSON, over the limit of "
-                           f"{max_payload_bytes()} bytes")
+    limit = max_payload_bytes() if limit is None else limit
+    if 4 * (len(args_json) + len(kwargs_json)) > limit:  # UTF-8 takes at most 4 bytes a character
+        size = len(args_json.encode()) + len(kwargs_json.encode())
+        if size > limit:
+            raise EnqueueError(f"cannot enqueue {task_name}: arguments take {size} bytes as JSON, over the limit "
+                               f"of {limit} bytes")
     return args_json, kwargs_json
 
 
@@ -197,16 +201,7 @@ def bulk_job(index: int, base: JobSpec, args: Any, kwargs: Any, limit: int) -> s
     """One job of a bulk enqueue as JSON text, ``[index of its base, args, kwargs]``: *base* (options
     already validated) with these arguments, checked as for a single enqueue; *limit* is
     max_payload_bytes(), read once per bulk enqueue."""
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise EnqueueError(f"cannot enqueue {base.task_name}: args must be a list or tuple, got {type(args).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise EnqueueError(f"cannot enqueue {base.task_name}: kwargs must be a dict with string keys")
-    args_json = serialization.dumps(list(args), what=f"an argument of {base.task_name}")
-    kwargs_json = serialization.dumps(dict(kwargs), what=f"a keyword argument of {base.task_name}")
-    size = len(args_json) + len(kwargs_json)  # characters: a lower bound of the bytes, exact for ASCII
-    if size > limit or len(args_json.encode()) + len(kwargs_json.encode()) > limit:
-        raise EnqueueError(f"cannot enqueue {base.task_name}: arguments are over the limit of {limit} bytes as JSON")
+    args_json, kwargs_json = arguments_json(base.task_name, args, kwargs, limit)
     return f"[{index},{args_json},{kwargs_json}]"
 
 
@@ -291,14 +286,6 @@ def unique_for_seconds(value: Any) -> float | None:
     if not _finite_number(seconds) or seconds < 0:
         raise ValueError(f"unique_for must be a timedelta or a number of seconds >= 0, got {value!r}")
     return float(seconds)
-
-
-def _not_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return True
-    return False
 
 
 def _finite_number(value: Any) -> bool:

@@ -196,10 +196,9 @@ class Task:
         ``concurrency_key`` (default: the task's) with ``key_concurrency`` (default: the task's, else 1): at
         most that many jobs with this key run at once, across all workers. See docs/limits.md."""
         args = () if args is None else args
-        if (countdown is None and eta is None and priority is None and queue is None and max_attempts is None
-                and lease_seconds is None and ignore_result is None and retry_backoff is None and unique_key is None
-                and unique_for is None and concurrency_key is None and key_concurrency is None
-                and not self.unique and self.unique_key is None and not callable(self.concurrency_key)):
+        options = (countdown, eta, priority, queue, max_attempts, lease_seconds, ignore_result, retry_backoff,
+                   unique_key, unique_for, concurrency_key, key_concurrency)
+        if options.count(None) == len(options) and self._plain():
             return self.app._enqueue(enqueue.with_arguments(self._default_spec(), args, kwargs), connection)
         spec = self._spec(
             args=args,
@@ -252,6 +251,11 @@ class Task:
         except (TypeError, ValueError):
             return None  # build() refuses these arguments, with the message that names the culprit
         return f"{self.name}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+    def _plain(self) -> bool:
+        """Whether a call without options can take _default_spec(): no unique key (its jobs go through the
+        unique write), no concurrency key computed from the arguments."""
+        return not self.unique and self.unique_key is None and not callable(self.concurrency_key)
 
     def _default_spec(self) -> enqueue.JobSpec:
         """The spec of a call without options (no arguments yet), built once per set of the task's defaults

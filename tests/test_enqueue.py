@@ -163,13 +163,14 @@ def test_prepared_enqueue_is_not_used_without_prepared_statements(app, conn, mon
     handle = apps.add.delay(1, 2)
     statements = app.run(lambda c: c.execute("SELECT name FROM pg_prepared_statements").fetchall())
     assert statements == []
+    assert list(app._enqueue_statement._ready) == []  # no pooled connection took the libpq path
     assert scalar(conn, "SELECT task_name FROM pgq.jobs WHERE id = %s", (handle.id,)) == "tests.add"
 
 
 @pytest.mark.parametrize("name", ["tests.a\x00b", "tests.a\ud800b"])
 def test_task_names_postgres_cannot_store_are_refused_before_writing(app, conn, name):
     # A text parameter cannot carry them: libpq would cut the name at the NUL, UTF-8 has no lone surrogates.
-    with pytest.raises(pgq.EnqueueError, match="cannot be stored"):
+    with pytest.raises(pgq.EnqueueError, match="task name cannot contain"):
         app.send_task(name)
     assert scalar(conn, "SELECT count(*) FROM pgq.jobs") == 0
 
