@@ -1349,8 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sustained-minutes", type=float, default=None, metavar="MINUTES",
                         help="length of the sustained scenario [default: 10, with --quick 0.25]")
     parser.add_argument("--sustained-rate", type=float, default=None, metavar="JOBS_PER_S",
-                        help=f"the sustained scenario's producer rate [default: {SUSTAINED_SHARE:.0%} of this run's "
-                             f"one-worker drain rate, or {SUSTAINED_DEFAULT_RATE:,.0f} without a drain]")
+                        help=f"the sustained scenario's producer rate [default: {SUSTAINED_SHARE * 100:.0f}%% of "
+                             f"this run's one-worker drain rate, or {SUSTAINED_DEFAULT_RATE:,.0f} without a drain]")
     args = parser.parse_args(argv)
     only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
     if not only or not only <= set(SCENARIOS):
