@@ -359,8 +359,17 @@ class Worker:
             # an attempt that ran meanwhile is refused by the fence (the attempt number went back). That is
             # at-least-once delivery, as before; and the outcome's own commit, which waits, flushes the
             # claim's WAL too. What it saves is a disk flush between a job's arrival and its start.
+            #
+            # The claims are planned once per connection (generic plans), not once per claim. Left to
+            # itself PostgreSQL kept planning CLAIM afresh on every execution (pg_prepared_statements:
+            # 266 custom plans, 0 generic, in a 6,000-job drain): a custom plan, which sees one queue in
+            # the array, is estimated cheaper than the generic one, which assumes ten. The plans are the
+            # same (index scans; sequential scans are off on this connection, see db.INDEX_ONLY_ROLES),
+            # and the planning cost about 0.3 ms of server CPU per claim: a claim that finds nothing
+            # took 0.42 ms hot and 1.03 ms after 5 ms idle, 0.09 and 0.50 ms planned once (same loop).
             self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True,
-                                          settings={"synchronous_commit": "off"})
+                                          settings={"synchronous_commit": "off",
+                                                    "plan_cache_mode": "force_generic_plan"})
             set_json_loads(_claimed_json, self._claim_conn)
         return self._claim_conn
 

@@ -60,3 +60,21 @@ def test_claims_commit_without_waiting_for_the_disk(app, conn, monkeypatch, prep
             assert recorder.execute("SHOW synchronous_commit").fetchone()[0] == "on"
     finally:
         worker._drop_claim_conn()
+
+
+def test_claims_are_planned_once_per_connection(app, conn):
+    """Left to choose, PostgreSQL planned every claim afresh (its custom plan, seeing one queue, is
+    estimated cheaper than the generic one): about 0.3 ms of server CPU per claim, between a job's
+    NOTIFY and its start."""
+    conn.execute("INSERT INTO pgq.jobs (task_name) SELECT 'x' FROM generate_series(1, 50)")
+    worker = app.worker(concurrency=1)
+    try:
+        for _ in range(12):  # psycopg prepares from the 5th; PostgreSQL compares plans from the 6th EXECUTE
+            worker._claim(2)
+        plans = worker._claim_connection().execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '%WITH picked AS%'"
+        ).fetchall()
+        assert len(plans) == 1 and plans[0][0] >= 5 and plans[0][1] == 0, plans
+        assert conn.execute("SELECT count(*) FROM pgq.jobs WHERE status = 'running'").fetchone()[0] == 24
+    finally:
+        worker._drop_claim_conn()
