@@ -30,6 +30,14 @@ producer thread's hold on the GIL; pg_stat_statements is not used: the embedded 
   the buffers its scan of jobs_claim_idx touched (the dead index entries a claim walks over). When the
   worker's claims are slow and the probe's are not, the worker runs a different (cached) plan.
 
+Where the server runs on this machine, each claim's time is split into work and waiting for a CPU, from
+/proc/<pid>/schedstat of the backend (time on a CPU, time runnable on a run queue): the probe's backend
+is read before and after each probe (its p99 less that wait), the worker's claim backend at every sample
+(the share of its busy time spent waiting). On two cores shared by the producer, the worker, pruning,
+autovacuum and PostgreSQL, a statement can be ready to run and still wait: at 10,000 jobs/s (git
+263fb8c, 3 minutes) the probe's p99 was 6.7-10.7 ms and 1.5-2.3 ms less its wait, its backend waited
+51-69 % of the time it was busy, and the machine was 79-84 % busy.
+
 Used from benchmarks/run.py (``sustained(url, rate=..., minutes=..., logdir=..., progress=...)``), or alone:
 this file's main starts the embedded server as run.py does, in a fresh database. Without ``--rate`` it first
 drains 5,000 no-op jobs three times (run.py's drain scenario, --quick size) and runs at 80 % of the median
@@ -128,6 +136,8 @@ class Sample:
     worker_cpu: float | None
     own_cpu: float | None
     machine_busy: float | None  # CPU seconds spent not idle, all CPUs
+    # schedstat() of each server process seen running the worker's claims, when it runs on this machine
+    claim_sched: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -139,6 +149,15 @@ class Probe:
     t: float
     ms: float  # server-side execution time of the claim
     buffers: int  # shared buffers its scan of jobs_claim_idx touched (index and heap pages, hit + read)
+    # What the probe's backend did during the round trip (planning and EXPLAIN's own work included), from
+    # /proc/<pid>/schedstat: ms on a CPU, and ms runnable but waiting for one. None: not readable here.
+    cpu_ms: float | None = None
+    runq_ms: float | None = None
+
+    @property
+    def ms_not_waiting(self) -> float:
+        """The execution time less the backend's wait for a CPU: what the claim took where it could run."""
+        return self.ms if self.runq_ms is None else max(0.0, self.ms - self.runq_ms)
 
 
 @dataclass
@@ -178,6 +197,28 @@ class Minute:
         from benchmarks.run import percentile
 
         return percentile([p.ms for p in self.probes], q) if self.probes else None
+
+    def probe_not_waiting_ms(self, q: float) -> float | None:
+        """Percentile of the probes' execution time less their backend's wait for a CPU."""
+        from benchmarks.run import percentile
+
+        timed = [p.ms_not_waiting for p in self.probes if p.runq_ms is not None]
+        return percentile(timed, q) if timed else None
+
+    def claim_runq_share(self) -> float | None:
+        """The share of the minute's busy time that the worker's claim backend(s) spent runnable but
+        waiting for a CPU (schedstat at the first and the last of the minute's samples that saw each)."""
+        waited = busy = 0.0
+        for pid, (cpu1, wait1) in self.end.claim_sched.items():
+            cpu0, wait0 = next(s.claim_sched[pid] for s in [self.start, *self.samples] if pid in s.claim_sched)
+            waited, busy = waited + wait1 - wait0, busy + cpu1 - cpu0 + wait1 - wait0
+        return waited / busy if busy else None
+
+    def probe_runq_share(self) -> float | None:
+        """The share of the probes' round trips their backend spent runnable, waiting for a CPU."""
+        timed = [p for p in self.probes if p.runq_ms is not None and p.cpu_ms is not None]
+        total = sum(p.cpu_ms + p.runq_ms for p in timed)  # type: ignore[operator]
+        return sum(p.runq_ms for p in timed) / total if total else None  # type: ignore[misc]
 
 
 @dataclass
@@ -235,6 +276,7 @@ class ClaimWatcher:
     def __init__(self, url: str):
         self.url = url
         self.claims: dict[tuple[int, datetime], tuple[float, float, bool]] = {}  # -> (t, ms, exact)
+        self.pids: set[int] = set()  # the server processes seen running them
         self.polls = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -257,6 +299,7 @@ class ClaimWatcher:
                         if started is None or started < db_t0:
                             continue
                         key = (pid, started)
+                        self.pids.add(pid)
                         if state == "active":
                             ms, exact = (now - started).total_seconds() * 1000, False
                         elif changed is not None and changed >= started:
@@ -283,10 +326,36 @@ def machine_busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def probe_claim(conn: psycopg.Connection, t: float) -> Probe:
-    """EXPLAIN ANALYZE of the claim of CONCURRENCY jobs, planned afresh and rolled back: nothing stays claimed."""
+def schedstat(pid: int | None) -> tuple[float, float] | None:
+    """(ms on a CPU, ms runnable but waiting for a CPU) of process *pid* since it started, from
+    /proc/<pid>/schedstat; None where that cannot be read (not Linux, or not this machine's process)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(on_cpu) / 1e6, int(waiting) / 1e6
+
+
+def local_backend(pid: int, dbname: str) -> int | None:
+    """*pid* when it is a server process of database *dbname* on this machine (its title names the
+    database), so that its /proc entry is that backend's; else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return pid if title.startswith("postgres:") and f" {dbname} " in title else None
+
+
+def probe_claim(conn: psycopg.Connection, t: float, pid: int | None = None) -> Probe:
+    """EXPLAIN ANALYZE of the claim of CONCURRENCY jobs, planned afresh and rolled back: nothing stays claimed.
+    With *pid* (the local server process of *conn*), also its CPU time and its wait for a CPU meanwhile."""
     from pgq import sql as pgq_sql
 
+    before = schedstat(pid)
     try:
         doc = conn.execute("EXPLAIN (ANALYZE, BUFFERS, TIMING OFF, FORMAT JSON) " + pgq_sql.CLAIM,
                            {"queues": ["default"], "limit": CONCURRENCY, "worker_id": "sustained-probe"}).fetchone()[0]
@@ -299,12 +368,17 @@ def probe_claim(conn: psycopg.Connection, t: float) -> Probe:
             return node
         return next((found for child in node.get("Plans", []) if (found := scan(child)) is not None), None)
 
+    after = schedstat(pid)
     walk = scan(top["Plan"]) or top["Plan"]
-    return Probe(t, float(top["Execution Time"]),
-                 int(walk.get("Shared Hit Blocks", 0)) + int(walk.get("Shared Read Blocks", 0)))
+    probe = Probe(t, float(top["Execution Time"]),
+                  int(walk.get("Shared Hit Blocks", 0)) + int(walk.get("Shared Read Blocks", 0)))
+    if before is not None and after is not None:
+        probe.cpu_ms, probe.runq_ms = after[0] - before[0], after[1] - before[1]
+    return probe
 
 
-def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: int, worker_pid: int) -> Sample:
+def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: int, worker_pid: int,
+                claim_pids: set[int] = frozenset()) -> Sample:  # type: ignore[assignment]
     from benchmarks.run import cpu_seconds
 
     waiting, running, jobs_b, claim_b, results_b, wal, phase = conn.execute(SAMPLE_SQL).fetchone()
@@ -316,8 +390,10 @@ def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: in
         live[relname], dead[relname], vacs[relname] = n_live, n_dead, n_vac
         if relname == "jobs":
             deleted = n_del
+    sched = {pid: got for pid in claim_pids
+             if local_backend(pid, conn.info.dbname) and (got := schedstat(pid)) is not None}
     return Sample(t, nominal, enqueued, waiting, running, jobs_b, claim_b, results_b, int(wal), phase, live, dead,
-                  vacs, deleted, cpu_seconds(worker_pid), cpu_seconds(os.getpid()), machine_busy_seconds())
+                  vacs, deleted, cpu_seconds(worker_pid), cpu_seconds(os.getpid()), machine_busy_seconds(), sched)
 
 
 def prune_rounds(log_path: Path) -> list[tuple[datetime, int, int, float]]:
@@ -386,6 +462,7 @@ def sustained(url: str, *, rate: float, minutes: float, logdir: Path,
             wait_for(lambda: stats.execute("SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'"
                                            ).fetchone()[0] == 10, 30, [proc], what="warm-up jobs")
             base = 10  # the warm-up jobs count as enqueued: finished = enqueued - backlog
+            probe_pid = local_backend(probe_conn.info.backend_pid, probe_conn.info.dbname)
             db_t0 = stats.execute("SELECT clock_timestamp()").fetchone()[0]
             wall_started = datetime.now()
             producer.start()
@@ -401,7 +478,8 @@ def sustained(url: str, *, rate: float, minutes: float, logdir: Path,
                         raise RuntimeError(f"the {name} failed: {failed!r}") from failed
                 if now >= next_sample or now - t0 >= duration:
                     nominal = min(next_sample - t0, duration)
-                    samples.append(take_sample(stats, now - t0, nominal, base + producer.enqueued, proc.pid))
+                    samples.append(take_sample(stats, now - t0, nominal, base + producer.enqueued, proc.pid,
+                                               set(watcher.pids)))
                     next_sample += SAMPLE_SECONDS
                     if nominal >= next_report or nominal >= duration:
                         last = samples[-1]
@@ -412,7 +490,7 @@ def sustained(url: str, *, rate: float, minutes: float, logdir: Path,
                     if now - t0 >= duration:
                         break
                 if now >= next_probe:
-                    probes.append(probe_claim(probe_conn, time.monotonic() - t0))
+                    probes.append(probe_claim(probe_conn, time.monotonic() - t0, probe_pid))
                     next_probe = max(next_probe + PROBE_SECONDS, time.monotonic())
                 pause = min(next_probe, next_sample, t0 + duration) - time.monotonic()
                 if pause > 0:
@@ -474,9 +552,9 @@ def render_minutes(label: str, table: list[Minute]) -> list[str]:
     def grew(m: Minute, what: str) -> int:
         return m.end.autovacuums.get(what, 0) - m.start.autovacuums.get(what, 0)
 
-    header = ["min", "jobs/s", "enq/s", "lag s", "backlog", "claim p50", "p99", "max", "n", "probe p50", "p99",
-              "bufs p50/max", "jobs MB", "claim idx MB", "results MB", "dead k j/r", "autovac j/r", "vac",
-              "pruned", "prune max s", "WAL MB", "cpu% wkr/prod/all"]
+    header = ["min", "jobs/s", "enq/s", "lag s", "backlog", "claim p50", "p99", "max", "n", "wait %", "probe p50",
+              "p99", "p99 -wait", "wait %", "bufs p50/max", "jobs MB", "claim idx MB", "results MB", "dead k j/r",
+              "autovac j/r", "vac", "pruned", "prune max s", "WAL MB", "cpu% wkr/prod/all"]
     rows = [header]
     for m in table:
         bufs = sorted(p.buffers for p in m.probes)
@@ -485,7 +563,9 @@ def render_minutes(label: str, table: list[Minute]) -> list[str]:
             f"{m.rate:,.0f}", f"{m.enqueue_rate:,.0f}", f"{m.lag_max:.2f}",
             f"{max(s.waiting + s.running for s in m.samples):,}",
             ms(m.claim_ms(50)), ms(m.claim_ms(99)), ms(max(m.claims, default=None)), f"{len(m.claims):,}",
-            ms(m.probe_ms(50)), ms(m.probe_ms(99)),
+            "-" if (share := m.claim_runq_share()) is None else f"{share * 100:.0f}",
+            ms(m.probe_ms(50)), ms(m.probe_ms(99)), ms(m.probe_not_waiting_ms(99)),
+            "-" if (share := m.probe_runq_share()) is None else f"{share * 100:.0f}",
             f"{bufs[len(bufs) // 2]}/{bufs[-1]}" if bufs else "-",
             mb(m.end.jobs_bytes), mb(m.end.claim_idx_bytes), mb(m.end.results_bytes),
             f"{m.end.dead.get('jobs', 0) / 1000:,.0f}/{m.end.dead.get('results', 0) / 1000:,.0f}",
@@ -506,8 +586,12 @@ def render_minutes(label: str, table: list[Minute]) -> list[str]:
         "committed; lag s = how far the producer was behind its schedule, at most; backlog = waiting + running, at "
         "most",
         "  claim ms = the worker's own claim statements (pg_stat_activity: state_change - query_start), n = how many "
-        "were seen; probe ms = EXPLAIN (ANALYZE, TIMING OFF) of pgq.sql.CLAIM (limit "
-        f"{CONCURRENCY}, planned afresh, rolled back) every {PROBE_SECONDS:g} s, server-side execution time",
+        "were seen, wait % = the share of their backend's busy time (on a CPU or runnable) spent waiting for a CPU; "
+        "probe ms = EXPLAIN (ANALYZE, TIMING OFF) of pgq.sql.CLAIM (limit "
+        f"{CONCURRENCY}, planned afresh, rolled back) every {PROBE_SECONDS:g} s, server-side execution time; "
+        "p99 -wait = p99 of that time less the probe backend's wait for a CPU meanwhile, wait % = the share of "
+        "the probes' round trips their backend spent runnable but waiting for a CPU (/proc/<pid>/schedstat; "
+        "'-' when the server is not on this machine)",
         "  bufs = shared buffers the probe's scan of jobs_claim_idx touched (index and heap pages: the dead entries it "
         "walks over)",
         "  sizes, dead row versions (pg_stat_user_tables, thousands) at the end of the minute; jobs MB = pgq.jobs "
@@ -548,7 +632,8 @@ def summary(label: str, rate: float, duration: float, samples: list[Sample], pro
                  + f"throughput: last minute {last.rate:,.0f} jobs/s / first minute {first.rate:,.0f} = {ratio:.3f} "
                  f"(target: within {TARGET_THROUGHPUT_RATIO:.0%}{'; one minute only' if first is last else ''}); "
                  f"the producer wanted {rate:,.0f}/s")
-    for what, per_minute in (("worker's claim", Minute.claim_ms), ("probe's claim", Minute.probe_ms)):
+    for what, per_minute in (("worker's claim", Minute.claim_ms), ("probe's claim", Minute.probe_ms),
+                             ("probe's claim less its wait for a CPU", Minute.probe_not_waiting_ms)):
         p99s = [(m.n, v) for m in table if (v := per_minute(m, 99)) is not None]
         worst = max(p99s, key=lambda x: x[1], default=(0, 0.0))
         notes.append(f"{mark(all(v <= TARGET_CLAIM_P99_MS for _, v in p99s)) if what.startswith('worker') else '    '}"
