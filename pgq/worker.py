@@ -545,7 +545,7 @@ class Worker:
             return
         if timeout:
             self.keeper.tick_by(started + timeout)
-        log.info("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
+        log.debug("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
         self.metrics.job_started(job)
         outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
         elapsed = time.monotonic() - started
@@ -567,17 +567,15 @@ class Worker:
             log.warning("job %d %s returned after %.1f ms, %s: outcome discarded", job.id, job.task_name,
                         elapsed_ms, why)
             return
-        if isinstance(outcome, Succeeded):
-            log.info("job %d %s succeeded in %.1f ms", job.id, job.task_name, elapsed_ms)
-        elif isinstance(outcome, RetryLater):
+        if isinstance(outcome, RetryLater):
             log.warning("job %d %s attempt %d/%d failed in %.1f ms (%s); retrying in %.1f s", job.id,
                         job.task_name, job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary(),
                         outcome.delay)
-        else:
+        elif not isinstance(outcome, Succeeded):  # a success's line is the recorder's (see Recorder.loop)
             log.error("job %d %s failed for good on attempt %d/%d in %.1f ms: %s", job.id, job.task_name,
                       job.attempt, job.max_attempts, elapsed_ms, outcome.error.summary())
         self.metrics.job_finished(job, outcome, elapsed)
-        self.recorder.put(job, outcome)
+        self.recorder.put(job, outcome, elapsed_ms)
 
     # --- timeouts ------------------------------------------------------------------------------
 

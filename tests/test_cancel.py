@@ -139,7 +139,7 @@ def test_job_claimed_but_not_started_is_never_run(capp, conn):
     assert capp.cancel(handle.id) == "running"  # claimed: running, from the database's point of view
     worker.keeper.heartbeat(worker.keeper._connection())
     worker.keeper._close()
-    [(recorded_job, outcome)] = [worker.recorder.outcomes.popleft()]
+    [(recorded_job, outcome, _)] = [worker.recorder.outcomes.popleft()]
     assert (recorded_job.id, outcome) == (handle.id, Cancelled("cancelled while running (attempt 1)"))
     worker._execute(claimed)  # a runner picks it up now: it does not run
     assert _runs(conn, handle.id) == []
@@ -158,7 +158,7 @@ def test_job_that_finishes_before_its_worker_notices_keeps_its_outcome(capp, con
     worker._execute(claimed)  # the task ran and returned; its success is queued for the recorder
     assert worker.cancel_requested([handle.id]) == 0  # the heartbeat comes too late: nothing to cancel
     with worker.keeper._connection() as keeper_conn:
-        worker.recorder.record(keeper_conn, [worker.recorder.outcomes.popleft()])
+        worker.recorder.record(keeper_conn, [worker.recorder.outcomes.popleft()[:2]])
     assert handle.get(timeout=1) == "done"
     row = job(conn, handle.id)
     assert row["status"] == "succeeded" and row["cancel_requested_at"] is not None

@@ -334,7 +334,7 @@ def test_next_attempt_claimed_before_the_last_one_is_forgotten_stays_held(capp, 
         worker._forget([first])  # the recorder, late
         assert [(t[0], t[1]) for t in worker.held_tokens()] == [(handle.id, 2)]
         worker._execute(second)
-        [(recorded, result)] = [worker.recorder.outcomes.popleft()]
+        [(recorded, result, _)] = [worker.recorder.outcomes.popleft()]
         assert (recorded.attempt, result) == (2, Succeeded("2"))
     finally:
         worker._drop_claim_conn()
