@@ -32,7 +32,7 @@ BATCH = 500
 
 Item = tuple[ClaimedJob, Outcome]
 # An outcome waiting for the recorder, with how long its task ran in ms (None: it did not return).
-Queued = tuple[ClaimedJob, Outcome, "float | None"]
+Queued = tuple[ClaimedJob, Outcome, float | None]
 
 
 class Recorder:

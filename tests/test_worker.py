@@ -8,6 +8,8 @@ condition read from the database.
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
 import statistics
 import time
@@ -50,6 +52,32 @@ def _seconds(conn: psycopg.Connection, expression: str, job_id: int) -> float:
     """An interval expression over the job's row, in seconds, on the database clock."""
     return float(scalar(conn, f"SELECT extract(epoch FROM {expression}) FROM pgq.jobs j WHERE id = %s",
                         (job_id,)))
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+
+def test_one_info_line_per_success_written_by_the_recorder(app, caplog):
+    """At -l info a success costs one line, from the recorder's thread: from the runners, each line cost
+    a worker on no-op jobs as much CPU as the job itself (see Recorder.loop). Failures keep theirs, and a
+    job's start shows only at DEBUG."""
+    caplog.set_level(logging.INFO, logger="pgq")
+    handles = [apps.add.delay(i, 1) for i in range(3)]
+    failing = apps.fail.apply_async(args=["told to"], max_attempts=1)
+    with app.worker(concurrency=2).running():
+        assert [h.get(timeout=10) for h in handles] == [1, 2, 3]
+        with pytest.raises(pgq.TaskFailed):
+            failing.get(timeout=10)
+        wait_for(lambda: sum("succeeded in" in r.getMessage() for r in caplog.records) == 3,
+                 what="the success lines")
+    lines = {h.id: r for r in caplog.records for h in handles if r.getMessage().startswith(f"job {h.id} ")}
+    assert sorted(lines) == sorted(h.id for h in handles)
+    for record in lines.values():
+        assert (record.levelno, record.threadName) == (logging.INFO, "pgq-recorder")
+        assert re.fullmatch(r"job \d+ tests\.add succeeded in \d+\.\d ms", record.getMessage())
+    assert not [r for r in caplog.records if r.getMessage().endswith(" started") and r.name == "pgq.worker"]
+    [failed] = [r for r in caplog.records if r.getMessage().startswith(f"job {failing.id} ")]
+    assert failed.levelno == logging.ERROR and "failed for good" in failed.getMessage()
 
 
 # --- retries -------------------------------------------------------------------------------------
