@@ -35,7 +35,7 @@ Where the server runs on this machine, each claim's time is split into work and 
 is read before and after each probe (its p99 less that wait), the worker's claim backend at every sample
 (the share of its busy time spent waiting). On two cores shared by the producer, the worker, pruning,
 autovacuum and PostgreSQL, a statement can be ready to run and still wait: at 10,000 jobs/s (git
-263fb8c, 3 minutes) the probe's p99 was 6.7-10.7 ms and 1.5-2.3 ms less its wait, its backend waited
+263fb8c, 3 minutes) the probe's p99 was 6.7-10.7 ms and 1.4-2.3 ms less its wait, its backend waited
 51-69 % of the time it was busy, and the machine was 79-84 % busy.
 
 Used from benchmarks/run.py (``sustained(url, rate=..., minutes=..., logdir=..., progress=...)``), or alone:
@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -216,9 +216,9 @@ class Minute:
 
     def probe_runq_share(self) -> float | None:
         """The share of the probes' round trips their backend spent runnable, waiting for a CPU."""
-        timed = [p for p in self.probes if p.runq_ms is not None and p.cpu_ms is not None]
-        total = sum(p.cpu_ms + p.runq_ms for p in timed)  # type: ignore[operator]
-        return sum(p.runq_ms for p in timed) / total if total else None  # type: ignore[misc]
+        timed = [(p.cpu_ms, p.runq_ms) for p in self.probes if p.cpu_ms is not None and p.runq_ms is not None]
+        total = sum(cpu + waited for cpu, waited in timed)
+        return sum(waited for _, waited in timed) / total if total else None
 
 
 @dataclass
@@ -378,7 +378,7 @@ def probe_claim(conn: psycopg.Connection, t: float, pid: int | None = None) -> P
 
 
 def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: int, worker_pid: int,
-                claim_pids: set[int] = frozenset()) -> Sample:  # type: ignore[assignment]
+                claim_pids: Iterable[int] = ()) -> Sample:
     from benchmarks.run import cpu_seconds
 
     waiting, running, jobs_b, claim_b, results_b, wal, phase = conn.execute(SAMPLE_SQL).fetchone()
