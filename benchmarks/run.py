@@ -258,13 +258,26 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def is_local_backend(pid: int, dbname: str) -> bool:
+    """Whether *pid* is a server process of database *dbname* on this machine (its process title names the
+    database), so that /proc/<pid> describes that backend, not an unrelated local process that happens
+    to have the pid of a backend on another host."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return title.startswith("postgres:") and f" {dbname} " in title
+
+
 def backend_cpu_seconds(url: str) -> float | None:
     """CPU time of the PostgreSQL backends serving pgq's workers (only when the server is local)."""
     with psycopg.connect(url, autocommit=True) as conn:
         pids = [r[0] for r in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND application_name IN ('pgq-worker', 'pgq-listener')")]
-    times = [cpu_seconds(pid) for pid in pids]
+        dbname = conn.info.dbname
+    times = [cpu_seconds(pid) if is_local_backend(pid, dbname) else None for pid in pids]
     return None if not times or None in times else sum(t for t in times if t is not None)
 
 

@@ -339,17 +339,6 @@ def schedstat(pid: int | None) -> tuple[float, float] | None:
     return int(on_cpu) / 1e6, int(waiting) / 1e6
 
 
-def local_backend(pid: int, dbname: str) -> int | None:
-    """*pid* when it is a server process of database *dbname* on this machine (its title names the
-    database), so that its /proc entry is that backend's; else None."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            title = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    return pid if title.startswith("postgres:") and f" {dbname} " in title else None
-
-
 def probe_claim(conn: psycopg.Connection, t: float, pid: int | None = None) -> Probe:
     """EXPLAIN ANALYZE of the claim of CONCURRENCY jobs, planned afresh and rolled back: nothing stays claimed.
     With *pid* (the local server process of *conn*), also its CPU time and its wait for a CPU meanwhile."""
@@ -379,7 +368,7 @@ def probe_claim(conn: psycopg.Connection, t: float, pid: int | None = None) -> P
 
 def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: int, worker_pid: int,
                 claim_pids: Iterable[int] = ()) -> Sample:
-    from benchmarks.run import cpu_seconds
+    from benchmarks.run import cpu_seconds, is_local_backend
 
     waiting, running, jobs_b, claim_b, results_b, wal, phase = conn.execute(SAMPLE_SQL).fetchone()
     live: dict[str, int] = {}
@@ -391,7 +380,7 @@ def take_sample(conn: psycopg.Connection, t: float, nominal: float, enqueued: in
         if relname == "jobs":
             deleted = n_del
     sched = {pid: got for pid in claim_pids
-             if local_backend(pid, conn.info.dbname) and (got := schedstat(pid)) is not None}
+             if is_local_backend(pid, conn.info.dbname) and (got := schedstat(pid)) is not None}
     return Sample(t, nominal, enqueued, waiting, running, jobs_b, claim_b, results_b, int(wal), phase, live, dead,
                   vacs, deleted, cpu_seconds(worker_pid), cpu_seconds(os.getpid()), machine_busy_seconds(), sched)
 
@@ -428,7 +417,7 @@ def sustained(url: str, *, rate: float, minutes: float, logdir: Path,
     *analyze_empty*: start from a VACUUM ANALYZE of the emptied tables (statistics saying "0 rows"), not
     from none (see :func:`empty_tables`), and with a worker that has been idle for IDLE_BEFORE seconds."""
     from benchmarks import tasks
-    from benchmarks.run import Row, WorkerProcess, wait_for
+    from benchmarks.run import Row, WorkerProcess, is_local_backend, wait_for
 
     if rate <= 0 or minutes <= 0:
         raise ValueError("rate and minutes must be positive")
@@ -462,7 +451,9 @@ def sustained(url: str, *, rate: float, minutes: float, logdir: Path,
             wait_for(lambda: stats.execute("SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'"
                                            ).fetchone()[0] == 10, 30, [proc], what="warm-up jobs")
             base = 10  # the warm-up jobs count as enqueued: finished = enqueued - backlog
-            probe_pid = local_backend(probe_conn.info.backend_pid, probe_conn.info.dbname)
+            probe_pid = probe_conn.info.backend_pid
+            if not is_local_backend(probe_pid, probe_conn.info.dbname):
+                probe_pid = None  # the server is elsewhere: no /proc to read
             db_t0 = stats.execute("SELECT clock_timestamp()").fetchone()[0]
             wall_started = datetime.now()
             producer.start()
