@@ -59,6 +59,14 @@ class CancelRequested(BaseException):
     already recorded ``cancelled`` when it arrives; whatever the task does next is discarded."""
 
 
+class LeaseLost(CancelRequested):
+    """Raised inside a running task whose worker no longer holds its job: the lease ran out and the job
+    was rescued (the worker was frozen or cut off from the database for longer than the lease), or a
+    database crash undid the claim. Another worker may be running the job already. It arrives at the
+    task's next Python bytecode once the worker learns of it on a heartbeat, and whatever the task does
+    next is discarded. A CancelRequested, so cleanup written for cancellation runs for it too."""
+
+
 class Retry(Exception):
     """Raised by ``self.retry()`` inside a bound task: end this attempt and schedule another."""
 

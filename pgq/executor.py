@@ -34,6 +34,7 @@ class ClaimedJob:
     retry_backoff: float
     lease_seconds: int
     ignore_result: bool
+    token: int = 0  # the claim's fencing token (sql.CLAIM_TOKEN): every write of this attempt names it
     limited: bool = False  # claimed by the limited claim (see pgq.limits)
 
 

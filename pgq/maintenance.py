@@ -121,7 +121,7 @@ class Keeper:
         tokens = w.held_tokens()
         if tokens:
             rows = conn.execute(sql.EXTEND_LEASES, {"ids": [t[0] for t in tokens],
-                                                    "attempts": [t[1] for t in tokens]}).fetchall()
+                                                    "tokens": [t[1] for t in tokens]}).fetchall()
             kept = {row[0] for row in rows}
             lost = [t[0] for t in tokens if t[0] not in kept]
             if lost:
@@ -170,7 +170,7 @@ class Keeper:
             conn = self._connection()
             for job in jobs:
                 entry = json.dumps({"attempt": job.attempt, "type": "WorkerShutdown", "message": message})
-                params = {"id": job.id, "attempt": job.attempt, "delay": 0.0, "entry": entry,
+                params = {"id": job.id, "token": job.token, "delay": 0.0, "entry": entry,
                           "error": f"WorkerShutdown: {message}", "error_type": "WorkerShutdown",
                           "error_message": message, "traceback": None}
                 # The attempt counts, or a job longer than every deploy's grace would loop forever.

@@ -121,7 +121,7 @@ class Recorder:
                 log.error("job %d: cannot record its failure either (%s)", job.id, again)
 
     def record(self, conn: psycopg.Connection, batch: list[Item]) -> None:
-        """Write *batch* in one transaction, each write fenced by the attempt that produced it."""
+        """Write *batch* in one transaction, each write fenced by the claim that produced it."""
         successes = [(job, o) for job, o in batch if isinstance(o, Succeeded)]
         freed = sorted({job.queue for job, _ in batch if job.limited})
         # Only successes, no limit to free: COMPLETE_MANY alone, atomic by itself in autocommit. One round
@@ -133,7 +133,7 @@ class Recorder:
             if successes:
                 rows = conn.execute(sql.COMPLETE_MANY, {
                     "ids": [job.id for job, _ in successes],
-                    "attempts": [job.attempt for job, _ in successes],
+                    "tokens": [job.token for job, _ in successes],
                     "results": [o.result_json for _, o in successes],
                 }).fetchall()
                 recorded = {row[0] for row in rows}
@@ -143,7 +143,7 @@ class Recorder:
             for job, outcome in batch:
                 if isinstance(outcome, RetryLater):
                     row = conn.execute(sql.RETRY, {
-                        "id": job.id, "attempt": job.attempt, "delay": outcome.delay,
+                        "id": job.id, "token": job.token, "delay": outcome.delay,
                         "error": outcome.error.summary(), "entry": outcome.error.entry(job.attempt),
                     }).fetchone()
                     if row is None:
@@ -152,7 +152,7 @@ class Recorder:
                         self.worker._due_in(outcome.delay)
                 elif isinstance(outcome, Failed):
                     row = conn.execute(sql.FAIL, {
-                        "id": job.id, "attempt": job.attempt, "error": outcome.error.summary(),
+                        "id": job.id, "token": job.token, "error": outcome.error.summary(),
                         "entry": outcome.error.entry(job.attempt), "error_type": outcome.error.type_name,
                         "error_message": outcome.error.message, "traceback": outcome.error.traceback,
                     }).fetchone()
@@ -160,7 +160,7 @@ class Recorder:
                         _log_fenced(job, "failure")
                 elif isinstance(outcome, Cancelled):
                     row = conn.execute(sql.CANCEL_RUNNING, {
-                        "id": job.id, "attempt": job.attempt, "entry": outcome.entry(job.attempt),
+                        "id": job.id, "token": job.token, "entry": outcome.entry(job.attempt),
                         "message": outcome.message,
                     }).fetchone()
                     if row is None:
@@ -173,5 +173,6 @@ class Recorder:
 
 
 def _log_fenced(job: ClaimedJob, what: str) -> None:
-    log.warning("job %d %s attempt %d: lease lost before its %s was recorded; another attempt owns the "
-                "job now, so this outcome is discarded", job.id, job.task_name, job.attempt, what)
+    log.warning("job %d %s attempt %d: claim lost before its %s was recorded (its lease expired, or a "
+                "database crash undid the claim); this outcome is discarded", job.id, job.task_name,
+                job.attempt, what)

@@ -6,9 +6,11 @@ Storage choices, and why:
   index over the waiting rows, so finished rows piling up do not slow claiming down.
 - ``results`` is separate: ``get()`` polls one narrow primary-key row, and the hot ``jobs`` rows stay
   small. There is no foreign key so that pruning either table never waits on the other.
-- ``attempts`` is the fencing token: each claim increments it, and every later write for that
-  attempt says ``WHERE id = … AND attempts = … AND lease_expires_at IS NOT NULL`` (a lease exists
-  exactly while the job runs: jobs_running_lease_check and jobs_lease_running_check).
+- ``claim_token`` is the fencing token: each claim draws a new random one, and every later write for
+  that attempt says ``WHERE id = … AND claim_token = … AND lease_expires_at IS NOT NULL`` (a lease
+  exists exactly while the job runs: jobs_running_lease_check and jobs_lease_running_check). Unlike
+  ``attempts``, which each claim increments and which is kept for people, it cannot repeat when a
+  database crash undoes a claim (migration 0009).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ jobs = Table(
     Column("concurrency_key", Text),
     Column("key_concurrency", Integer),
     Column("limited", Boolean, nullable=False, server_default=text("false")),
+    # The fencing token of the current (or last) claim: see the module docstring and sql.CLAIM.
+    Column("claim_token", BigInteger),
     CheckConstraint(_in("status", ALL), name="jobs_status_check"),
     CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_check"),
     CheckConstraint("lease_seconds >= 1", name="jobs_lease_seconds_check"),

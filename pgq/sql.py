@@ -102,7 +102,8 @@ SELECT id, false FROM existing WHERE id IS NOT NULL
 # Claim up to `limit` due jobs of the given queues. The CTE is the optimization fence that makes LIMIT
 # mean what it says: as an `IN (subquery)` the locking subquery may be re-run and claim more rows.
 # SKIP LOCKED lets concurrent workers pass each other instead of queueing on the same rows. Each claim
-# increments `attempts`, which is the fencing token of everything this attempt writes later.
+# increments `attempts` (for people: "attempt 2 of 3") and draws a new `claim_token` (CLAIM_TOKEN), the
+# fencing token of everything this attempt writes later.
 #
 # One LATERAL subquery per queue: with `queue = ANY(…)` the planner could not walk jobs_claim_idx in
 # order and sorted the whole backlog on every claim (4.4-5.5 ms per claim at 20,000 waiting jobs;
@@ -113,6 +114,15 @@ SELECT id, false FROM existing WHERE id IS NOT NULL
 # of jobs_claim_idx's predicate, and a queue with a row in pgq.limits is skipped altogether (one
 # primary-key probe per queue), so a job that slipped into a limited queue unmarked cannot run past
 # the limit either.
+# A claim's fencing token: random, 52 bits (PostgreSQL 15 and later; 48 before), from the backend's own
+# generator, which PostgreSQL seeds from the operating system's strong random source in every new
+# backend. Not a sequence and not the attempt number: a claim committed without waiting for the disk
+# (synchronous_commit = off, on the server or in the session) can vanish in a crash, and with it the
+# WAL that advanced a sequence, so after recovery both would hand the next claim of the same job the
+# very value the lost claim's worker still holds, and its writes would pass the fence. Two claims of
+# one job draw the same token with a chance of 2^-52.
+CLAIM_TOKEN = "floor(random() * 4503599627370496)::bigint"
+
 CLAIM = """
 WITH picked AS (
     SELECT c.id
@@ -130,11 +140,11 @@ WITH picked AS (
 )
 UPDATE pgq.jobs AS j
 SET status = 'running', attempts = j.attempts + 1, worker_id = %(worker_id)s, started_at = now(),
-    lease_expires_at = now() + make_interval(secs => j.lease_seconds)
+    lease_expires_at = now() + make_interval(secs => j.lease_seconds), claim_token = """ + CLAIM_TOKEN + """
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task_name, j.args, j.kwargs, j.priority, j.attempts, j.max_attempts,
-          j.retry_backoff, j.lease_seconds, j.ignore_result
+          j.retry_backoff, j.lease_seconds, j.ignore_result, j.claim_token
 """
 
 # --- limits (pgq.limits): the limited claim and the declarations ----------------------------------
@@ -240,10 +250,11 @@ WITH spent AS (
 )
 UPDATE pgq.jobs AS j
 SET status = 'running', attempts = j.attempts + 1, worker_id = %(worker_id)s, started_at = statement_timestamp(),
-    lease_expires_at = statement_timestamp() + make_interval(secs => j.lease_seconds)
+    lease_expires_at = statement_timestamp() + make_interval(secs => j.lease_seconds),
+    claim_token = {CLAIM_TOKEN}
 WHERE j.id = ANY(%(ids)s::bigint[]) AND j.status IN ('queued', 'retrying')
 RETURNING j.id, j.queue, j.task_name, j.args, j.kwargs, j.priority, j.attempts, j.max_attempts,
-          j.retry_backoff, j.lease_seconds, j.ignore_result
+          j.retry_backoff, j.lease_seconds, j.ignore_result, j.claim_token
 """
 
 # Outcomes of limited jobs are being recorded: at commit, wake the workers of their queues, so that any
@@ -320,23 +331,25 @@ WHERE NOT starts_with(l.key, 'key:') OR (%(with_keys)s AND l.updated_at > now() 
 ORDER BY l.key
 """
 
-# The fence of every write for one attempt: `id = … AND attempts = … AND lease_expires_at IS NOT NULL`.
+# The fence of every write for one attempt: `id = … AND claim_token = … AND lease_expires_at IS NOT NULL`.
 # A lease exists exactly while the job is running (CHECK jobs_lease_running_check, migration 0006), so
-# this says "still running under the same attempt". It is spelled with the lease, not with
-# `status = 'running'`, on purpose: that spelling matches jobs_lease_idx's predicate, and once ANALYZE
-# has seen a backlog with almost nothing running, PostgreSQL drives these statements from that index
-# (a hash join over all of it) instead of from the primary key. The index's dead entries grow during a
-# drain, so each batch read more of them: 500-640 us of PostgreSQL CPU per job, 1,450-1,800 jobs/s on
-# one worker, against 20,000+ with the primary-key plan (benchmarks/run.py, drain of 20,000).
+# this says "still running under the same claim". The token, not the attempt number: a claim that a
+# database crash undid leaves its attempt number to be taken again by the next claim (see CLAIM_TOKEN).
+# It is spelled with the lease, not with `status = 'running'`, on purpose: that spelling matches
+# jobs_lease_idx's predicate, and once ANALYZE has seen a backlog with almost nothing running,
+# PostgreSQL drives these statements from that index (a hash join over all of it) instead of from the
+# primary key. The index's dead entries grow during a drain, so each batch read more of them: 500-640 us
+# of PostgreSQL CPU per job, 1,450-1,800 jobs/s on one worker, against 20,000+ with the primary-key plan
+# (benchmarks/run.py, drain of 20,000).
 
-# Record many successes at once, fenced: only rows still `running` under the same attempt change.
+# Record many successes at once, fenced: only rows still `running` under the same claim change.
 # Returns the ids that were recorded; a missing id means this worker had lost that job's lease.
 COMPLETE_MANY = """
 WITH done AS (
     UPDATE pgq.jobs AS j
     SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
-    WHERE j.id = d.id AND j.attempts = d.attempt AND j.lease_expires_at IS NOT NULL
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+    WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
     RETURNING j.id, j.ignore_result
 ), saved AS (
     INSERT INTO pgq.results (job_id, status, result)
@@ -361,7 +374,7 @@ WITH retried AS (
         run_at = now() + make_interval(secs => %(delay)s::float8),
         last_error = %(error)s,
         errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
-    WHERE id = %(id)s AND attempts = %(attempt)s AND lease_expires_at IS NOT NULL
+    WHERE id = %(id)s AND claim_token = %(token)s AND lease_expires_at IS NOT NULL
     RETURNING id, status, attempts
 ), cancelled AS (
     INSERT INTO pgq.results (job_id, status, error_type, error_message)
@@ -380,7 +393,7 @@ WITH failed AS (
     UPDATE pgq.jobs
     SET status = 'failed', finished_at = now(), lease_expires_at = NULL, last_error = %(error)s,
         errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
-    WHERE id = %(id)s AND attempts = %(attempt)s AND lease_expires_at IS NOT NULL
+    WHERE id = %(id)s AND claim_token = %(token)s AND lease_expires_at IS NOT NULL
     RETURNING id
 )
 INSERT INTO pgq.results (job_id, status, error_type, error_message, traceback)
@@ -399,7 +412,7 @@ WITH cancelled AS (
     SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,
         cancel_requested_at = coalesce(cancel_requested_at, now()),
         errors = errors || jsonb_build_array(%(entry)s::jsonb || jsonb_build_object('at', now()))
-    WHERE id = %(id)s AND attempts = %(attempt)s AND lease_expires_at IS NOT NULL
+    WHERE id = %(id)s AND claim_token = %(token)s AND lease_expires_at IS NOT NULL
     RETURNING id
 )
 INSERT INTO pgq.results (job_id, status, error_type, error_message)
@@ -416,8 +429,8 @@ RETURNING job_id
 EXTEND_LEASES = """
 UPDATE pgq.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => j.lease_seconds)
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
-WHERE j.id = d.id AND j.attempts = d.attempt AND j.lease_expires_at IS NOT NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
 RETURNING j.id, j.cancel_requested_at IS NOT NULL
 """
 
@@ -430,8 +443,8 @@ WITH released AS (
                       WHEN j.attempts > 1 THEN 'retrying' ELSE 'queued' END,
         finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() ELSE j.finished_at END,
         attempts = j.attempts - 1, lease_expires_at = NULL, worker_id = NULL
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempt)
-    WHERE j.id = d.id AND j.attempts = d.attempt AND j.lease_expires_at IS NOT NULL
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+    WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
     RETURNING j.id, j.status
 ), cancelled AS (
     INSERT INTO pgq.results (job_id, status, error_type, error_message)
@@ -557,9 +570,8 @@ LEFT JOIN pgq.jobs AS j ON j.id = q.id
 """
 
 # Retry failed or cancelled jobs by hand: due now, with a fresh budget of attempts, its stored outcome
-# deleted; the error history is kept, with a note. `attempts` is NOT reset: it is the fencing token of
-# workers' writes, and reusing attempt numbers would let a worker frozen on an old attempt write for the
-# new run. Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
+# deleted; the error history is kept, with a note. `attempts` is NOT reset: attempt numbers stay unique in
+# the job's error history, and a worker frozen on an old attempt is told apart by its claim token. Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
 # already used when it was last retried by hand, which the previous ManualRetry entry records). NOTIFY wakes
 # the workers (identical notifications fold into one per queue). A job whose unique key another job
 # holds now is left alone. Returns each id with its status after this statement (NULL: no such job)

@@ -37,7 +37,7 @@ import psycopg
 from psycopg.types.json import set_json_loads
 
 from . import db, executor, limits, maintenance, migrate, pruner, sql
-from .errors import CancelRequested, DatabaseUnavailable, TaskTimeout
+from .errors import CancelRequested, DatabaseUnavailable, LeaseLost, TaskTimeout
 from .executor import ClaimedJob, RetryLater, Succeeded
 from .metrics import worker_metrics
 from .recorder import Recorder
@@ -354,11 +354,13 @@ class Worker:
 
     def _claim_connection(self) -> psycopg.Connection:
         if self._claim_conn is None or self._claim_conn.closed:
-            # A claim's commit does not wait for its WAL to reach the disk. A crash can lose a claim made in
-            # the last moments: its job is then waiting again, as if its worker had died, and the outcome of
-            # an attempt that ran meanwhile is refused by the fence (the attempt number went back). That is
-            # at-least-once delivery, as before; and the outcome's own commit, which waits, flushes the
-            # claim's WAL too. What it saves is a disk flush between a job's arrival and its start.
+            # A claim commits like every other write: it waits for the disk as the server is configured to
+            # (synchronous_commit, on by default), so once a worker starts a job, a database crash cannot
+            # undo its claim. It used not to wait (synchronous_commit = off here): a claim lost in
+            # a crash put its job back under the same attempt number, and the next claim's worker and
+            # this one ran it side by side, each passing the other's fence. The claim token (sql.CLAIM_TOKEN)
+            # now fences such a claim off wherever the server does not wait for the disk, and its worker
+            # stops the task at its next heartbeat (Worker._lose). What waiting costs: see docs/guarantees.md.
             #
             # The claims are planned once per connection (generic plans), not once per claim. Left to
             # itself PostgreSQL kept planning CLAIM afresh on every execution (pg_prepared_statements:
@@ -368,8 +370,7 @@ class Worker:
             # and the planning cost about 0.3 ms of server CPU per claim: a claim that finds nothing
             # took 0.42 ms hot and 1.03 ms after 5 ms idle, 0.09 and 0.50 ms planned once (same loop).
             self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True,
-                                          settings={"synchronous_commit": "off",
-                                                    "plan_cache_mode": "force_generic_plan"})
+                                          settings={"plan_cache_mode": "force_generic_plan"})
             set_json_loads(_claimed_json, self._claim_conn)
         return self._claim_conn
 
@@ -411,9 +412,11 @@ class Worker:
         jobs.sort(key=lambda j: (-j.priority, j.id))
         with self._held_lock:
             for job in jobs:
-                old = self._held.get(job.id)  # an earlier attempt not yet forgotten (see _held_for)
+                old = self._held.get(job.id)  # an earlier claim not yet forgotten (see _held_for)
                 if old is not None and not old.finished:
                     self._unfinished -= 1
+                    if not (old.timed_out or old.cancelled):  # its outcome is not written: the claim was lost
+                        self._lose(old)
                 self._held[job.id] = _Held(job)
             self._unfinished += len(jobs)
         if jobs:  # their leases need a heartbeat within a third of the shortest
@@ -504,19 +507,34 @@ class Worker:
         return held
 
     def held_tokens(self) -> list[tuple[int, int, int]]:
-        """(id, attempt, lease_seconds) of every job this worker holds a lease on."""
+        """(id, claim token, lease_seconds) of every job this worker holds a lease on."""
         with self._held_lock:
-            return [(h.job.id, h.job.attempt, h.job.lease_seconds) for h in self._held.values()]
+            return [(h.job.id, h.job.token, h.job.lease_seconds) for h in self._held.values()]
 
     def lost_leases(self, ids: Iterable[int]) -> None:
-        """The keeper found these jobs no longer ours: stop heartbeating them."""
+        """The keeper's heartbeat found these jobs' claims gone: stop heartbeating them, and stop their
+        tasks (see _lose)."""
         with self._held_lock:
             for job_id in ids:
                 held = self._drop_held(job_id)
                 if held is not None:
-                    self.metrics.lease_lost(held.job)
-                    log.warning("job %d %s: lease lost (rescued by another worker after it expired); "
-                                "its outcome here will be discarded", job_id, held.job.task_name)
+                    self._lose(held)
+
+    def _lose(self, held: _Held) -> None:
+        """*held*'s claim is no longer in the database: its lease ran out and the job was rescued (this
+        worker was frozen, or cut off from the database, for longer than the lease), or a database crash
+        undid the claim. Another worker may be running the job already, so a task still running here is
+        interrupted at once (LeaseLost, the way a cancellation is; its is_cancelled() turns True first),
+        and whatever it returns is discarded. Called with _held_lock held, once per lost claim."""
+        job = held.job
+        self.metrics.lease_lost(job)
+        running = held.started is not None and not (held.finished or held.timed_out or held.cancelled)
+        log.warning("job %d %s attempt %d: claim lost (its lease expired and it was rescued, or a database crash "
+                    "undid the claim); another worker may run it now%s", job.id, job.task_name, job.attempt,
+                    ": interrupting the task, its outcome will be discarded" if running else "")
+        if running:
+            held.cancel_event.set()
+            self._interrupt(held, LeaseLost)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -527,7 +545,7 @@ class Worker:
             if job is None:
                 return
             with contextlib.suppress(TaskTimeout, CancelRequested):  # delivered just after the task returned
-                self._execute(job)
+                self._execute(job)  # (CancelRequested includes LeaseLost)
             if me in self._retired:  # a fresh runner took this one's place when its job timed out or was cancelled
                 return
 
@@ -614,8 +632,9 @@ class Worker:
         return len(expired)
 
     def _interrupt(self, held: _Held, exc: type[BaseException]) -> None:
-        """Raise *exc* in the thread running *held*'s task, whose outcome is being recorded; with the thread
-        pool, a fresh runner takes the slot (the thread may be stuck in C, out of reach).
+        """Raise *exc* in the thread running *held*'s task, whose outcome is recorded (or, for a lost claim,
+        never will be); with the thread pool, a fresh runner takes the slot (the thread may be stuck in C,
+        out of reach).
 
         Called with _held_lock held, before _execute marks the task finished (under that lock): so the
         exception lands in this task, or in _execute just after it, and never in the next job the thread
@@ -657,10 +676,11 @@ class Worker:
     # --- recording outcomes (see pgq.recorder) ----------------------------------------------
 
     def _held_for(self, job: ClaimedJob) -> _Held | None:
-        """*job*'s entry, if it is still this attempt's: once an attempt's outcome is committed (a retry
-        due at once, a timeout), this worker may claim the next attempt before the old one is done."""
+        """*job*'s entry, if it is still this claim's: once an attempt's outcome is committed (a retry
+        due at once, a timeout), or its claim was lost, this worker may claim the job again before the
+        old attempt is done."""
         held = self._held.get(job.id)
-        return held if held is not None and held.job.attempt == job.attempt else None
+        return held if held is not None and held.job.token == job.token else None
 
     def _forget(self, jobs: list[ClaimedJob]) -> None:
         with self._held_lock:
@@ -752,7 +772,7 @@ class Worker:
         try:
             with db.connect(self.app.database_url, role="worker", autocommit=True) as conn:
                 rows = conn.execute(sql.RELEASE, {"ids": [j.id for j in jobs],
-                                                  "attempts": [j.attempt for j in jobs]}).fetchall()
+                                                  "tokens": [j.token for j in jobs]}).fetchall()
             log.info("released %d claimed but unstarted job(s)", len(rows))
         except Exception as exc:
             log.warning("could not release %d unstarted job(s) (%s); their leases will expire", len(jobs), exc)

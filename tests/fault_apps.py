@@ -18,7 +18,8 @@ app = pgq.App()
 DDL = """
 CREATE TABLE IF NOT EXISTS fault_runs (
     job_id bigint NOT NULL, attempt int NOT NULL, pid int NOT NULL,
-    started_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz,
+    token bigint, interrupted text
 )
 """
 
@@ -48,6 +49,41 @@ def _record(seconds: float) -> int:
 @app.task(name="faults.work", lease_seconds=2, max_attempts=25, retry_backoff=0.1)
 def work(seconds: float = 0.0) -> int:
     return _record(seconds)
+
+
+def _insist(statement: str, params: tuple, deadline: float) -> None:
+    """Run *statement* until it succeeds: through a database restart, for the crash tests."""
+    while True:
+        try:
+            _conn().execute(statement, params)
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@app.task(name="faults.through_crashes", lease_seconds=6, max_attempts=25, retry_backoff=0.1)
+def through_crashes(seconds: float) -> int:
+    """Records its execution even across a database crash: its start with the claim token it runs under
+    (read from its row, which its claim committed), and its end, with the time the work ended, written
+    as soon as the database is back. Ended early by LeaseLost, it records that too."""
+    req = _current_request.get()
+    deadline = time.monotonic() + 60
+    _insist("INSERT INTO fault_runs (job_id, attempt, pid, token) "
+            "SELECT %s, %s, %s, claim_token FROM pgq.jobs WHERE id = %s",
+            (req.id, req.attempt, os.getpid(), req.id), deadline)
+    interrupted = None
+    try:
+        time.sleep(seconds)
+    except BaseException as exc:
+        interrupted = type(exc).__name__
+        raise
+    finally:
+        _insist("UPDATE fault_runs SET ended_at = to_timestamp(%s), interrupted = %s "
+                "WHERE job_id = %s AND attempt = %s AND pid = %s AND ended_at IS NULL",
+                (time.time(), interrupted, req.id, req.attempt, os.getpid()), deadline)
+    return req.id or 0
 
 
 @app.task(name="faults.long", lease_seconds=1, max_attempts=3, retry_backoff=0.1)

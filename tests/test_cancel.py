@@ -44,8 +44,10 @@ def _runs(conn, job_id):
 
 
 def _running(conn, job_id, attempts=1, worker="w"):
+    """As a claim leaves the job, with its claim token equal to its attempt number."""
     conn.execute("UPDATE pgq.jobs SET status = 'running', attempts = %s, worker_id = %s, started_at = now(), "
-                 "lease_expires_at = now() + interval '1 minute' WHERE id = %s", (attempts, worker, job_id))
+                 "lease_expires_at = now() + interval '1 minute', claim_token = %s WHERE id = %s",
+                 (attempts, worker, attempts, job_id))
 
 
 # --- waiting jobs --------------------------------------------------------------------------------------
@@ -173,12 +175,12 @@ def _entry(attempt):
 
 
 def _retry(conn, job_id):
-    return conn.execute(sql.RETRY, {"id": job_id, "attempt": 1, "delay": 0.0, "error": "ValueError: boom",
+    return conn.execute(sql.RETRY, {"id": job_id, "token": 1, "delay": 0.0, "error": "ValueError: boom",
                                     "entry": _entry(1)}).fetchall()
 
 
 def _release(conn, job_id):
-    return conn.execute(sql.RELEASE, {"ids": [job_id], "attempts": [1]}).fetchall()
+    return conn.execute(sql.RELEASE, {"ids": [job_id], "tokens": [1]}).fetchall()
 
 
 def _rescue(conn, job_id):
@@ -210,14 +212,14 @@ def test_late_writes_never_overwrite_cancelled(capp, conn):
     handle = plain.delay(1)
     _running(conn, handle.id)
     assert capp.cancel(handle.id) == "running"
-    conn.execute(sql.CANCEL_RUNNING, {"id": handle.id, "attempt": 1, "entry": _entry(1), "message": "cancelled"})
+    conn.execute(sql.CANCEL_RUNNING, {"id": handle.id, "token": 1, "entry": _entry(1), "message": "cancelled"})
     before = job(conn, handle.id), _result(conn, handle.id)
-    late = {"ids": [handle.id], "attempts": [1], "results": ['"late"']}
+    late = {"ids": [handle.id], "tokens": [1], "results": ['"late"']}
     assert conn.execute(sql.COMPLETE_MANY, late).fetchall() == []
-    assert conn.execute(sql.FAIL, {"id": handle.id, "attempt": 1, "error": "x", "entry": _entry(1), "error_type": "X",
+    assert conn.execute(sql.FAIL, {"id": handle.id, "token": 1, "error": "x", "entry": _entry(1), "error_type": "X",
                                    "error_message": "x", "traceback": None}).fetchall() == []
     assert _retry(conn, handle.id) == [] and _release(conn, handle.id) == []
-    assert conn.execute(sql.EXTEND_LEASES, {"ids": [handle.id], "attempts": [1]}).fetchall() == []
+    assert conn.execute(sql.EXTEND_LEASES, {"ids": [handle.id], "tokens": [1]}).fetchall() == []
     assert (job(conn, handle.id), _result(conn, handle.id)) == before
 
 

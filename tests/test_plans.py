@@ -1,5 +1,5 @@
 """The session settings of pgq's own connections: plans that keep to the indexes whatever the statistics
-say (pgq.db.INDEX_ONLY_ROLES), and claims that do not wait for the disk."""
+say (pgq.db.INDEX_ONLY_ROLES), and claims that wait for the disk."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def _plan(conn, statement: str) -> str:
 def test_worker_connections_never_scan_the_jobs_table(db_url, conn, monkeypatch):
     """A generic plan made while pgq.jobs was empty is kept after the table grew: with sequential scans
     on, the outcome batch would then read the whole table for every batch."""
-    complete = (sql.COMPLETE_MANY.replace("%(ids)s", "$1").replace("%(attempts)s", "$2")
+    complete = (sql.COMPLETE_MANY.replace("%(ids)s", "$1").replace("%(tokens)s", "$2")
                 .replace("%(results)s", "$3"))
-    args = "(ARRAY[1, 2]::bigint[], ARRAY[1, 1]::int[], ARRAY['null', 'null']::text[])"
+    args = "(ARRAY[1, 2]::bigint[], ARRAY[1, 1]::bigint[], ARRAY['null', 'null']::text[])"
     for role, scans in (("worker", False), ("client", True)):
         conn.execute("TRUNCATE pgq.jobs")
         conn.execute("VACUUM ANALYZE pgq.jobs")
@@ -45,9 +45,9 @@ def test_which_connections_turn_sequential_scans_off(db_url, monkeypatch, prepar
         assert conn.execute("SHOW enable_seqscan").fetchone()[0] == setting
 
 
-@pytest.mark.parametrize(("prepare", "setting"), [("1", "off"), ("0", "on")])
-def test_claims_commit_without_waiting_for_the_disk(app, conn, monkeypatch, prepare, setting):
-    """Only the claim connection: a claim lost in a crash puts its job back, as a dead worker would."""
+@pytest.mark.parametrize("prepare", ["1", "0"])
+def test_claims_wait_for_the_disk_like_every_other_write(app, conn, monkeypatch, prepare):
+    """A claim that a crash could undo would let two workers run its job at once (tests/test_crash.py)."""
     # The test server does not wait for the disk at all (conftest); this database's sessions do.
     conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET synchronous_commit = on").format(
         psycopg.sql.Identifier(conn.info.dbname)))
@@ -55,7 +55,7 @@ def test_claims_commit_without_waiting_for_the_disk(app, conn, monkeypatch, prep
     worker = app.worker(concurrency=1)
     try:
         claim = worker._claim_connection()
-        assert claim.execute("SHOW synchronous_commit").fetchone()[0] == setting
+        assert claim.execute("SHOW synchronous_commit").fetchone()[0] == "on"
         with db.connect(app.database_url, role="worker", autocommit=True) as recorder:
             assert recorder.execute("SHOW synchronous_commit").fetchone()[0] == "on"
     finally:

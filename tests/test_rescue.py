@@ -18,12 +18,13 @@ from tests.helpers import job, scalar
 
 
 def _running(conn: psycopg.Connection, job_id: int, *, attempts: int = 1, worker: str = "dead",
-             lease: str = "-1 second") -> None:
-    """Put the job in the state a worker's claim leaves it in, with its lease ending at now() + *lease*."""
+             lease: str = "-1 second", token: int | None = None) -> None:
+    """Put the job in the state a worker's claim leaves it in, with its lease ending at now() + *lease*
+    and claim token *token* (the attempt number, unless given: readable in these tests)."""
     conn.execute(
         "UPDATE pgq.jobs SET status = 'running', attempts = %s, worker_id = %s, started_at = now(), "
-        "lease_expires_at = now() + %s::interval WHERE id = %s",
-        (attempts, worker, lease, job_id),
+        "lease_expires_at = now() + %s::interval, claim_token = %s WHERE id = %s",
+        (attempts, worker, lease, attempts if token is None else token, job_id),
     )
 
 
@@ -120,31 +121,38 @@ def _entry(attempt: int) -> str:
     return json.dumps({"attempt": attempt, "type": "ValueError", "message": "late", "traceback": None})
 
 
-def _complete(conn, job_id, attempt):
-    return conn.execute(sql.COMPLETE_MANY, {"ids": [job_id], "attempts": [attempt], "results": ['"late"']}).fetchall()
+def _complete(conn, job_id, token):
+    return conn.execute(sql.COMPLETE_MANY, {"ids": [job_id], "tokens": [token], "results": ['"late"']}).fetchall()
 
 
-def _retry(conn, job_id, attempt):
-    return conn.execute(sql.RETRY, {"id": job_id, "attempt": attempt, "delay": 0.0, "error": "ValueError: late",
-                                    "entry": _entry(attempt)}).fetchall()
+def _retry(conn, job_id, token):
+    return conn.execute(sql.RETRY, {"id": job_id, "token": token, "delay": 0.0, "error": "ValueError: late",
+                                    "entry": _entry(1)}).fetchall()
 
 
-def _fail(conn, job_id, attempt):
-    return conn.execute(sql.FAIL, {"id": job_id, "attempt": attempt, "error": "ValueError: late",
-                                   "entry": _entry(attempt), "error_type": "ValueError", "error_message": "late",
+def _fail(conn, job_id, token):
+    return conn.execute(sql.FAIL, {"id": job_id, "token": token, "error": "ValueError: late",
+                                   "entry": _entry(1), "error_type": "ValueError", "error_message": "late",
                                    "traceback": None}).fetchall()
 
 
-def _extend(conn, job_id, attempt):
-    return conn.execute(sql.EXTEND_LEASES, {"ids": [job_id], "attempts": [attempt]}).fetchall()
+def _cancel(conn, job_id, token):
+    return conn.execute(sql.CANCEL_RUNNING, {"id": job_id, "token": token, "entry": _entry(1),
+                                             "message": "cancelled"}).fetchall()
 
 
-def _release(conn, job_id, attempt):
-    return conn.execute(sql.RELEASE, {"ids": [job_id], "attempts": [attempt]}).fetchall()
+def _extend(conn, job_id, token):
+    return conn.execute(sql.EXTEND_LEASES, {"ids": [job_id], "tokens": [token]}).fetchall()
 
 
+def _release(conn, job_id, token):
+    return conn.execute(sql.RELEASE, {"ids": [job_id], "tokens": [token]}).fetchall()
+
+
+# Every write a worker makes for one attempt, each taking the claim token it believes in.
 WRITES: dict[str, Callable[[psycopg.Connection, int, int], list]] = {
-    "complete": _complete, "retry": _retry, "fail": _fail, "extend": _extend, "release": _release,
+    "complete": _complete, "retry": _retry, "fail": _fail, "cancel": _cancel, "extend": _extend,
+    "release": _release,
 }
 
 
@@ -161,9 +169,26 @@ def test_write_with_a_stale_attempt_changes_nothing(app, conn, write):
     assert WRITES[write](conn, handle.id, 1) == []
     assert _snapshot(conn, handle.id) == before
 
-    # The same write with the current attempt does apply (so the above was the fence, not a broken query).
+    # The same write with the current claim's token does apply (so the above was the fence, not a broken query).
     assert len(WRITES[write](conn, handle.id, 2)) == 1
     assert _snapshot(conn, handle.id) != before
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_write_of_a_claim_a_crash_undid_changes_nothing_under_the_same_attempt(app, conn, write):
+    """A database crash undid a claim (committed without waiting for the disk): the job was claimed
+    again under the same attempt number, with a new token. The lost claim's writes are refused."""
+    handle = apps.add.delay(1, 2)
+    _running(conn, handle.id, attempts=1, worker="lost", lease="30 seconds", token=111)
+    conn.execute("UPDATE pgq.jobs SET status = 'queued', attempts = 0, lease_expires_at = NULL, worker_id = NULL "
+                 "WHERE id = %s", (handle.id,))  # as recovery leaves it: the claim never happened
+    [again] = conn.execute(sql.CLAIM, {"queues": ["default"], "limit": 1, "worker_id": "second"}).fetchall()
+    assert (again[0], again[6]) == (handle.id, 1) and again[11] != 111  # same attempt, another token
+    before = _snapshot(conn, handle.id)
+
+    assert WRITES[write](conn, handle.id, 111) == []
+    assert _snapshot(conn, handle.id) == before
+    assert len(WRITES[write](conn, handle.id, again[11])) == 1
 
 
 @pytest.mark.parametrize("write", WRITES)
@@ -185,7 +210,7 @@ def test_complete_many_records_only_the_jobs_still_held(app, conn):
     _running(conn, held, attempts=1, lease="30 seconds")
     _running(conn, lost, attempts=2, lease="30 seconds")  # re-claimed elsewhere: attempt 1 is stale
 
-    rows = conn.execute(sql.COMPLETE_MANY, {"ids": [held, lost], "attempts": [1, 1],
+    rows = conn.execute(sql.COMPLETE_MANY, {"ids": [held, lost], "tokens": [1, 1],
                                             "results": ["2", "4"]}).fetchall()
 
     assert rows == [(held,)]
@@ -201,7 +226,7 @@ def test_release_gives_the_attempt_back(app, conn):
     [claimed] = conn.execute(sql.CLAIM, {"queues": ["default"], "limit": 5, "worker_id": "w1"}).fetchall()
     assert (claimed[0], claimed[6]) == (handle.id, 1)  # id, attempt
 
-    assert _release(conn, handle.id, 1) == [(handle.id,)]
+    assert _release(conn, handle.id, claimed[11]) == [(handle.id,)]  # by the claim's token
 
     row = job(conn, handle.id)
     assert (row["status"], row["attempts"], row["worker_id"], row["lease_expires_at"]) == ("queued", 0, None, None)
@@ -247,8 +272,9 @@ def test_heartbeat_extends_held_leases_and_drops_lost_ones(app, conn):
     try:
         worker._claim(2)
         conn.execute("UPDATE pgq.jobs SET lease_expires_at = now() + interval '1 second'")
-        # Meanwhile another worker rescued and re-claimed `lost` (its attempt moved on).
-        conn.execute("UPDATE pgq.jobs SET attempts = 2, worker_id = 'other' WHERE id = %s", (lost,))
+        # Meanwhile another worker rescued and re-claimed `lost` (its attempt moved on, its token changed).
+        conn.execute("UPDATE pgq.jobs SET attempts = 2, worker_id = 'other', claim_token = claim_token + 1 "
+                     "WHERE id = %s", (lost,))
         with psycopg.connect(app.database_url, autocommit=True) as keeper_conn:
             worker.keeper.heartbeat(keeper_conn)
     finally:
