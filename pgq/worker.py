@@ -559,7 +559,7 @@ class Worker:
                 held.started, held.thread_id, held.timeout = started, threading.get_ident(), timeout
         if held is None or held.cancelled:  # cancelled, or lost, while it waited for a runner
             log.info("job %d %s attempt %d/%d not started: %s", job.id, job.task_name, job.attempt, job.max_attempts,
-                     "lease lost" if held is None else "cancelled")
+                     "claim lost" if held is None else "cancelled")
             return
         if timeout:
             self.keeper.tick_by(started + timeout)
