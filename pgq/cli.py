@@ -207,6 +207,10 @@ def migrate_cmd(ctx: click.Context) -> None:
 @click.option("--prepare/--no-prepare", default=True, envvar="PGQ_PREPARE",
               help="Use server-side prepared statements; --no-prepare for poolers that cannot keep them "
                    "(PgBouncer < 1.21 in transaction mode) [env: PGQ_PREPARE=0]")
+@click.option("--non-durable-claims", is_flag=True, envvar="PGQ_NON_DURABLE_CLAIMS",
+              help="Commit claims without waiting for the disk: jobs start one disk flush sooner, but a database "
+                   "crash can undo the last moments' claims, and their jobs may then run twice at once for up "
+                   "to a third of their lease [env: PGQ_NON_DURABLE_CLAIMS=1]")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, envvar="PGQ_METRICS_PORT",
               help="Serve Prometheus metrics on this port (0: any free port, logged) [env: PGQ_METRICS_PORT]")
 @click.option("--metrics-host", default="127.0.0.1", envvar="PGQ_METRICS_HOST",
@@ -218,7 +222,7 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
                shutdown_grace: float, listen: bool, rescue_interval: float, prefetch: int | None,
                task_timeout: float | None, prune_interval: float, prune: bool,
                prepare: bool, metrics_port: int | None, metrics_host: str, loglevel: str | None,
-               beat: bool = False, **keep: Any) -> None:
+               non_durable_claims: bool = False, beat: bool = False, **keep: Any) -> None:
     """Run a worker: claim jobs from the queues, run them, record results.
 
     SIGTERM or SIGINT stops claiming, hands back jobs not yet started, and lets running jobs finish
@@ -235,7 +239,8 @@ def worker_cmd(ctx: click.Context, queues: str, concurrency: int | None, pool: s
                         shutdown_grace=shutdown_grace, listen=listen, rescue_interval=rescue_interval,
                         task_timeout=task_timeout, prefetch=prefetch, retention=_keep(keep),
                         prune_interval=prune_interval if prune else None,
-                        metrics=None if metrics_port is None else (metrics_host, metrics_port))
+                        metrics=None if metrics_port is None else (metrics_host, metrics_port),
+                        non_durable_claims=non_durable_claims)
     if not app.tasks:
         logging.getLogger("pgq.worker").warning("no tasks registered: pass -A module:app so the worker can "
                                                 "run your tasks (jobs would fail as unknown tasks)")

@@ -45,17 +45,21 @@ def test_which_connections_turn_sequential_scans_off(db_url, monkeypatch, prepar
         assert conn.execute("SHOW enable_seqscan").fetchone()[0] == setting
 
 
-@pytest.mark.parametrize("prepare", ["1", "0"])
-def test_claims_wait_for_the_disk_like_every_other_write(app, conn, monkeypatch, prepare):
+@pytest.mark.parametrize(("prepare", "non_durable", "setting"), [
+    ("1", False, "on"), ("0", False, "on"),
+    ("1", True, "off"),  # --non-durable-claims
+    ("0", True, "on"),  # ... which --no-prepare (PgBouncer) cannot apply
+])
+def test_claims_wait_for_the_disk_like_every_other_write(app, conn, monkeypatch, prepare, non_durable, setting):
     """A claim that a crash could undo would let two workers run its job at once (tests/test_crash.py)."""
     # The test server does not wait for the disk at all (conftest); this database's sessions do.
     conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET synchronous_commit = on").format(
         psycopg.sql.Identifier(conn.info.dbname)))
     monkeypatch.setenv("PGQ_PREPARE", prepare)
-    worker = app.worker(concurrency=1)
+    worker = app.worker(concurrency=1, non_durable_claims=non_durable)
     try:
         claim = worker._claim_connection()
-        assert claim.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        assert claim.execute("SHOW synchronous_commit").fetchone()[0] == setting
         with db.connect(app.database_url, role="worker", autocommit=True) as recorder:
             assert recorder.execute("SHOW synchronous_commit").fetchone()[0] == "on"
     finally:
