@@ -96,6 +96,7 @@ def run(tasks: Mapping[str, Task], job: ClaimedJob, worker_id: str | None = None
         request = Request(
             id=job.id, task_name=job.task_name, attempt=job.attempt, max_attempts=job.max_attempts,
             queue=job.queue, args=job.args, kwargs=job.kwargs, worker_id=worker_id, cancel_event=cancel_event,
+            claim_token=job.token,
         )
         value = run_with_request(request, call)
         if job.ignore_result:

@@ -50,6 +50,9 @@ class Request:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     worker_id: str | None = None
     cancel_event: CancelFlag | None = field(default=None, repr=False, compare=False)  # see is_cancelled
+    # The fencing token of this attempt's claim (pgq.jobs.claim_token): new with every claim, even where a
+    # database crash made an attempt number repeat. A task can fence its own writes with it (docs/guarantees.md).
+    claim_token: int | None = None
 
     @property
     def retries(self) -> int:

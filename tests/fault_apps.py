@@ -30,6 +30,8 @@ def _conn() -> psycopg.Connection:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or conn.broken:
         conn = psycopg.connect(app.database_url, autocommit=True)
+        # The record of executions must survive a database crash, whatever the server's setting.
+        conn.execute("SET synchronous_commit = on")
         _local.conn = conn
     return conn
 
@@ -65,14 +67,13 @@ def _insist(statement: str, params: tuple, deadline: float) -> None:
 
 @app.task(name="faults.through_crashes", lease_seconds=6, max_attempts=25, retry_backoff=0.1)
 def through_crashes(seconds: float) -> int:
-    """Records its execution even across a database crash: its start with the claim token it runs under
-    (read from its row, which its claim committed), and its end, with the time the work ended, written
-    as soon as the database is back. Ended early by LeaseLost, it records that too."""
+    """Records its execution even across a database crash: its start with the claim token it runs under,
+    and its end, with the time the work ended, written as soon as the database is back. Ended early by
+    LeaseLost, it records that too."""
     req = _current_request.get()
     deadline = time.monotonic() + 60
-    _insist("INSERT INTO fault_runs (job_id, attempt, pid, token) "
-            "SELECT %s, %s, %s, claim_token FROM pgq.jobs WHERE id = %s",
-            (req.id, req.attempt, os.getpid(), req.id), deadline)
+    _insist("INSERT INTO fault_runs (job_id, attempt, pid, token) VALUES (%s, %s, %s, %s)",
+            (req.id, req.attempt, os.getpid(), req.claim_token), deadline)
     interrupted = None
     try:
         time.sleep(seconds)
@@ -80,9 +81,8 @@ def through_crashes(seconds: float) -> int:
         interrupted = type(exc).__name__
         raise
     finally:
-        _insist("UPDATE fault_runs SET ended_at = to_timestamp(%s), interrupted = %s "
-                "WHERE job_id = %s AND attempt = %s AND pid = %s AND ended_at IS NULL",
-                (time.time(), interrupted, req.id, req.attempt, os.getpid()), deadline)
+        _insist("UPDATE fault_runs SET ended_at = to_timestamp(%s), interrupted = %s WHERE job_id = %s AND token = %s",
+                (time.time(), interrupted, req.id, req.claim_token), deadline)
     return req.id or 0
 
 
