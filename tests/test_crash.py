@@ -107,6 +107,31 @@ def test_a_running_task_whose_claim_a_crash_undid_is_interrupted_at_the_next_hea
     assert scalar(conn, "SELECT count(*) FROM pgq.results WHERE job_id = %s", (handle.id,)) == 0
 
 
+def test_a_task_can_fence_its_own_writes_with_its_claim_token(capp, conn, db_url):
+    """docs/guarantees.md: the check a task makes in its own transaction, before a write of its own."""
+    fence = ("SELECT 1 FROM pgq.jobs WHERE id = %(id)s AND claim_token = %(token)s "
+             "AND lease_expires_at IS NOT NULL FOR KEY SHARE")
+    handle = control_apps.plain.delay("x")
+    worker = capp.worker(concurrency=1)
+    try:
+        [claimed] = worker._claim(1)
+    finally:
+        worker._drop_claim_conn()
+    mine = {"id": handle.id, "token": claimed.token}
+    with psycopg.connect(db_url) as task_conn:  # the task's own transaction, open
+        assert task_conn.execute(fence, mine).fetchall() == [(1,)]
+        # While it is open, the lease may run out: the rescue passes the locked row by, heartbeats still go.
+        conn.execute("UPDATE pgq.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (handle.id,))
+        assert conn.execute(sql.RESCUE, {"limit": 10, "max_backoff": 1}).fetchall() == []
+        assert conn.execute(sql.EXTEND_LEASES, {"ids": [handle.id], "tokens": [claimed.token]}).fetchall() == [
+            (handle.id, False)]
+        task_conn.rollback()
+    _undo_claim(conn, handle.id)
+    conn.execute(sql.CLAIM, {"queues": ["default"], "limit": 1, "worker_id": "second"})
+    with psycopg.connect(db_url) as task_conn:  # the lost claim's attempt finds nothing: it writes nothing
+        assert task_conn.execute(fence, mine).fetchall() == []
+
+
 @pytest.fixture
 def fapp(db_url, conn):
     conn.execute(fault_apps.DDL)
