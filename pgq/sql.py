@@ -121,7 +121,7 @@ SELECT id, false FROM existing WHERE id IS NOT NULL
 # WAL that advanced a sequence, so after recovery both would hand the next claim of the same job the
 # very value the lost claim's worker still holds, and its writes would pass the fence. Two claims of
 # one job draw the same token with a chance of 2^-52.
-CLAIM_TOKEN = "floor(random() * 4503599627370496)::bigint"
+CLAIM_TOKEN = "floor(random() * 4503599627370496)::bigint"  # noqa: S105 - SQL text, not a password
 
 CLAIM = """
 WITH picked AS (
@@ -587,7 +587,8 @@ LEFT JOIN pgq.jobs AS j ON j.id = q.id
 
 # Retry failed or cancelled jobs by hand: due now, with a fresh budget of attempts, its stored outcome
 # deleted; the error history is kept, with a note. `attempts` is NOT reset: attempt numbers stay unique in
-# the job's error history, and a worker frozen on an old attempt is told apart by its claim token. Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
+# the job's error history, and a worker frozen on an old attempt is told apart by its claim token.
+# Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
 # already used when it was last retried by hand, which the previous ManualRetry entry records). NOTIFY wakes
 # the workers (identical notifications fold into one per queue). A job whose unique key another job
 # holds now is left alone. Returns each id with its status after this statement (NULL: no such job)
