@@ -5,6 +5,8 @@ The app has no URL of its own: the worker gets ``--database-url`` and run.py cal
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import pgq
@@ -13,6 +15,8 @@ app = pgq.App()
 
 #: The wake-up benchmark's table: when each task function was entered, on the database clock.
 WAKE_TABLE = "bench_wake"
+#: The recovery benchmark's table: each attempt of a `bench.hold` job, when it started and in which process.
+RECOVERY_TABLE = "bench_recovery"
 
 
 @app.task(name="bench.noop")
@@ -32,3 +36,13 @@ def wake(self: Any) -> None:
     psycopg sends BEGIN in a round trip of its own before the INSERT, which was counted as wake-up)."""
     app.run(lambda conn: conn.execute(f"INSERT INTO {WAKE_TABLE} (job_id, entered_at) VALUES (%s, clock_timestamp())",
                                       (self.request.id,)))
+
+
+@app.task(name="bench.hold", bind=True, ignore_result=True)
+def hold(self: Any, seconds: float) -> None:
+    """Records its start (job, attempt, pid, the database's clock_timestamp()), then sleeps: a job that keeps
+    its worker busy until benchmarks/recovery.py kills it."""
+    app.run(lambda conn: conn.execute(
+        f"INSERT INTO {RECOVERY_TABLE} (job_id, attempt, pid, started_at) VALUES (%s, %s, %s, clock_timestamp())",
+        (self.request.id, self.request.attempt, os.getpid())))
+    time.sleep(seconds)

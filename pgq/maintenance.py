@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from . import db, retry, sql
+from . import db, sql
 from .errors import DatabaseUnavailable
 from .executor import ClaimedJob
 
@@ -40,7 +40,7 @@ PRUNE_KEYS_EVERY = 60.0
 
 def rescue_expired(conn: psycopg.Connection, limit: int = RESCUE_BATCH) -> list[tuple]:
     """Rescue up to *limit* jobs whose lease has expired; returns (id, new status, task, attempt, max)."""
-    rows = conn.execute(sql.RESCUE, {"limit": limit, "max_backoff": retry.MAX_BACKOFF_SECONDS}).fetchall()
+    rows = conn.execute(sql.RESCUE, {"limit": limit}).fetchall()
     for job_id, status, task_name, attempts, max_attempts in rows:
         if status == "failed":
             log.error("job %d %s lost its worker on all %d attempts: failed", job_id, task_name, attempts)

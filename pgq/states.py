@@ -4,7 +4,7 @@
                         │
                         ├─raised, attempts left ───────────────▶ retrying ──run_at due, claim──▶ running
                         ├─raised on the last attempt, or can never succeed ─▶ failed
-                        ├─lease expired (worker lost): rescued like a raise (▶ retrying or failed)
+                        ├─lease expired (worker lost): rescued, due at once (▶ retrying, or failed on the last attempt)
                         ├─timeout: like a raise
                         ├─worker shut down before starting it: claim undone (▶ queued, or
                         │ retrying if it had failed before), the attempt not counted

@@ -92,6 +92,13 @@ def long(seconds: float) -> int:
     return _record(seconds)
 
 
+@app.task(name="faults.held", lease_seconds=1, max_attempts=10, retry_backoff=2.0)
+def held(seconds: float) -> int:
+    """Runs long enough to be killed at will. Its failure backoff (2, 4, 8, 16 s after attempts 1-4)
+    must not delay it when it is rescued: its worker was lost, the job did nothing wrong."""
+    return _record(seconds)
+
+
 @app.task(name="faults.poison", lease_seconds=1, max_attempts=2, retry_backoff=0)
 def poison() -> None:
     """Kills its worker process on every attempt."""

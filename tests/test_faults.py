@@ -44,7 +44,11 @@ class Fleet:
         return WorkerProcess(self.db_url, *self.args, app=APP, env=self.env)
 
     def kill_one(self) -> None:
-        victim = random.choice(self.workers)
+        self.kill(random.choice(self.workers).pid)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL the worker *pid*, note the database time once it is gone, and start a replacement."""
+        [victim] = [w for w in self.workers if w.pid == pid]
         victim.kill()  # returns once the process has exited
         with psycopg.connect(self.db_url) as c:
             self.killed_at[victim.pid] = c.execute("SELECT clock_timestamp()").fetchone()[0]
@@ -224,6 +228,39 @@ def test_poison_job_that_kills_its_worker_ends_failed(fapp, conn, db_url):
     assert info.value.type_name == "LeaseExpired"
     assert scalar(conn, "SELECT count(*) FROM fault_runs WHERE job_id = %s", (handle.id,)) == 2
     assert deaths >= 1
+
+
+@pytest.mark.slow
+def test_job_killed_again_and_again_restarts_within_its_lease_and_the_intervals(fapp, conn, db_url):
+    """The worker running one job is SIGKILLed four times. Each time the job starts again on a live
+    worker within lease (1 s) + rescue interval (0.5 s) + poll interval (0.5 s), on the database clock,
+    however many times it was rescued before. With the task's failure backoff it would wait 2, 4, 8 and
+    16 s more."""
+    lease, rescue_interval, poll_interval = 1.0, 0.5, 0.5  # faults.held's lease, WorkerProcess's intervals
+    margin = 1.0  # a loaded 2-core machine: the claim round trip, the task's own connection
+    handle = fault_apps.held.delay(60.0)
+    fleet = Fleet(db_url, 2, "-c", "1", "--shutdown-grace", "0.5")
+
+    def start_of(attempt: int) -> tuple | None:
+        return conn.execute("SELECT pid, started_at FROM fault_runs WHERE job_id = %s AND attempt = %s",
+                            (handle.id, attempt)).fetchone()
+
+    recoveries: list[float] = []
+    try:
+        for attempt in range(1, 5):
+            pid, _ = wait_for(lambda a=attempt: start_of(a), timeout=30, what=f"attempt {attempt} to start")
+            for worker in fleet.workers:  # the other worker is up, to rescue and take the job
+                wait_registered(conn, worker)
+            fleet.kill(pid)
+            _, started = wait_for(lambda a=attempt: start_of(a + 1), timeout=30, what=f"attempt {attempt + 1}")
+            recoveries.append((started - fleet.killed_at[pid]).total_seconds())
+    finally:
+        fleet.stop()
+    print(f"\nkill -> next start, s: {[round(r, 2) for r in recoveries]}")
+    bound = lease + rescue_interval + poll_interval + margin
+    assert all(0 < r <= bound for r in recoveries), f"recoveries {recoveries} s, bound {bound} s"
+    errors = scalar(conn, "SELECT errors FROM pgq.jobs WHERE id = %s", (handle.id,))
+    assert [e["type"] for e in errors][:4] == ["LeaseExpired"] * 4  # then the shutdown's hand-back
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -52,13 +51,44 @@ def test_expired_lease_is_rescued_for_another_attempt(app, conn):
         "attempt": 1, "type": "LeaseExpired", "worker": "dead",
         "message": "lease expired: worker dead stopped heartbeating",
     }
-    # The next attempt waits the task's backoff (2 ** 1 s), counted from the rescue, on the database clock.
+    # Due again at once, not after the task's backoff (retry_backoff 2): the job did nothing wrong.
     rescued_at = scalar(conn, "SELECT (errors->0->>'at')::timestamptz FROM pgq.jobs WHERE id = %s", (handle.id,))
-    assert row["run_at"] - rescued_at == timedelta(seconds=2)
+    assert row["run_at"] == rescued_at
     assert _result(conn, handle.id) is None
     assert handle.status == "retrying"
     # Rescuing again finds nothing: the row is no longer running.
     assert maintenance.rescue_expired(conn) == []
+
+
+def test_job_rescued_many_times_is_due_at_once_every_time(app, conn):
+    """The task's failure backoff (retry_backoff ** attempts: 2, 4, 8, 16 s here) is not for lost
+    workers: the 4th rescue makes the job as due as the 1st."""
+    handle = apps.add.apply_async(args=(1, 2), max_attempts=10, retry_backoff=2.0)
+    for attempt in range(1, 5):
+        _running(conn, handle.id, attempts=attempt, worker=f"dead-{attempt}")
+        assert maintenance.rescue_expired(conn) == [(handle.id, "retrying", "tests.add", attempt, 10)]
+        assert scalar(conn, "SELECT run_at <= now() FROM pgq.jobs WHERE id = %s", (handle.id,))
+        [claimed] = conn.execute(sql.CLAIM, {"queues": ["default"], "limit": 1, "worker_id": "next"}).fetchall()
+        assert (claimed[0], claimed[6]) == (handle.id, attempt + 1)  # id, attempt
+    assert [e["worker"] for e in job(conn, handle.id)["errors"]] == ["dead-1", "dead-2", "dead-3", "dead-4"]
+
+
+def test_rescue_notifies_the_queues_of_the_jobs_it_makes_due(app, conn, db_url):
+    """Idle workers on other hosts learn of a rescued job from a NOTIFY, not at their next poll: one per
+    queue (a limited job's as 'limited <queue>'), none for a job that ended failed."""
+    mail = [apps.add.apply_async(args=(i, i), queue="mail").id for i in range(2)]
+    limited = apps.add.apply_async(args=(1, 1), queue="reports").id
+    last = apps.add.apply_async(args=(1, 1), queue="archive", max_attempts=1).id
+    conn.execute("UPDATE pgq.jobs SET limited = true WHERE id = %s", (limited,))
+    for job_id in [*mail, limited, last]:
+        _running(conn, job_id)
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN pgq_jobs")
+        assert len(maintenance.rescue_expired(conn)) == 4
+        payloads = sorted(n.payload for n in listener.notifies(timeout=1, stop_after=3))
+        assert payloads == ["limited reports", "mail"]  # the two of 'mail' folded into one
+        assert list(listener.notifies(timeout=0.2)) == []  # nothing for 'archive': its job failed
+    assert job(conn, last)["status"] == "failed"
 
 
 def test_expired_lease_on_the_last_attempt_fails_the_job(app, conn):
@@ -103,7 +133,6 @@ def test_rescue_takes_the_oldest_leases_first_up_to_the_limit(app, conn):
 
 def test_rescued_job_is_claimed_again_and_counts_the_lost_attempt(app, conn):
     handle = apps.add.delay(20, 22)
-    conn.execute("UPDATE pgq.jobs SET retry_backoff = 0 WHERE id = %s", (handle.id,))  # due again at once
     _running(conn, handle.id, attempts=1, worker="dead")
     maintenance.rescue_expired(conn)
 
