@@ -122,7 +122,7 @@ def test_a_task_can_fence_its_own_writes_with_its_claim_token(capp, conn, db_url
         assert task_conn.execute(fence, mine).fetchall() == [(1,)]
         # While it is open, the lease may run out: the rescue passes the locked row by, heartbeats still go.
         conn.execute("UPDATE pgq.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (handle.id,))
-        assert conn.execute(sql.RESCUE, {"limit": 10, "max_backoff": 1}).fetchall() == []
+        assert conn.execute(sql.RESCUE, {"limit": 10}).fetchall() == []
         assert conn.execute(sql.EXTEND_LEASES, {"ids": [handle.id], "tokens": [claimed.token]}).fetchall() == [
             (handle.id, False)]
         task_conn.rollback()
