@@ -20,6 +20,22 @@ log = logging.getLogger("pgq.worker")
 #: Seconds to wait for a connection unless the URL says otherwise (connect_timeout=…).
 CONNECT_TIMEOUT = 10
 
+#: How a TCP connection to a database that stopped answering fails, unless the URL sets these libpq
+#: parameters itself. A partition, a failover that moved the server's address, or a server machine that
+#: lost power sends no RST: the kernel's defaults retransmit unacknowledged data for about 15 minutes
+#: (tcp_retries2 = 15) and probe an idle connection only after 2 hours. A worker's heartbeat sent into such
+#: a connection blocks: on a partitioned test host (tests/test_hosts.py) it had not failed 33 s later,
+#: when the test gave up, 16 times the jobs' lease. With these, data unacknowledged for 10 s
+#: (tcp_user_timeout), or a connection silent for 5 s and then deaf to 3 probes 2 s apart (keepalives: a
+#: statement the server took and has not answered, the listener's idle connection), fails: the heartbeat,
+#: claim and listener connections of that host failed 10.6-10.8 s after the cut. 10 s is a third of the
+#: default lease (30 s), like the heartbeat's interval: a heartbeat stuck on a dead connection fails, and
+#: its retry on a new connection (connect_timeout 10 s) can land, before the lease it renews runs out. Too low, and a congested link that drops packets for
+#: a few seconds costs connections that would have recovered; too high, and leases expire on workers that
+#: are only waiting for a dead connection. Ignored for Unix sockets.
+TCP_TIMEOUTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
+                "tcp_user_timeout": "10000"}
+
 URL_ENV_VARS = ("PGQ_DATABASE_URL", "DATABASE_URL")
 
 _SQLALCHEMY_SCHEME = re.compile(r"^postgres(?:ql)?\+[a-z0-9_]+://", re.IGNORECASE)
@@ -51,16 +67,23 @@ def prepare_threshold() -> int | None:
     return None if os.environ.get("PGQ_PREPARE", "1").lower() in ("0", "false", "no", "off") else 5
 
 
+def tcp_timeouts(given: dict[str, Any]) -> dict[str, str]:
+    """TCP_TIMEOUTS, less those the connection parameters *given* (a URL's, or keywords) set."""
+    return {name: value for name, value in TCP_TIMEOUTS.items() if name not in given}
+
+
 def connect(url: str, *, autocommit: bool = False, role: str = "client", settings: dict[str, str] | None = None,
             **kwargs: Any) -> psycopg.Connection:
     """Open a connection tagged with pgq's application_name, so operators can tell pgq's sessions apart
     in ``pg_stat_activity``. *settings* are session settings (SET), applied only where sessions are pgq's
     own: not with prepared statements off (PGQ_PREPARE=0), pgq's sign that a transaction pooler such as
     PgBouncer hands the server session to other clients between statements."""
-    if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo_to_dict(url):
+    given = conninfo_to_dict(url)
+    if "connect_timeout" not in kwargs and "connect_timeout" not in given:
         # libpq would wait indefinitely (psycopg: 130 s) for a server that does not answer; a worker
         # would rather back off and retry, and a stopping worker must not hang on it.
         kwargs["connect_timeout"] = CONNECT_TIMEOUT
+    kwargs = {**tcp_timeouts(given), **kwargs}
     try:
         conn = psycopg.connect(
             url,
