@@ -548,8 +548,9 @@ class Worker:
                        if h.lease_until <= now and not (h.finished or h.timed_out or h.cancelled)]
             for held in expired:
                 self._drop_held(held.job.id)
-                self._lose(held, f"its lease ran out {now - held.lease_until + held.job.lease_seconds:.1f} s "
-                                 f"after the last heartbeat that reached the database")
+                self._lose(held, f"its {held.job.lease_seconds} s lease ran out by this worker's clock: the claim "
+                                 f"or heartbeat that last set it was sent "
+                                 f"{now - held.lease_until + held.job.lease_seconds:.1f} s ago")
         return len(expired)
 
     def _watch_loop(self) -> None:

@@ -143,6 +143,8 @@ class Forwarder:
         with self._lock:
             self._closed = True
             pairs = list(self._pairs)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress, which close() does not
         self._listener.close()
         for pair in pairs:
             for s in pair:
@@ -207,9 +209,12 @@ class Host:
 class Network:
     """The hosts of one test; :meth:`close` removes them all."""
 
+    _made = 0
+
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
-        self.subnet = _RUN % 250 + 1
+        Network._made += 1
+        self.subnet = (_RUN + Network._made) % 250 + 1
         self.hosts: list[Host] = []
 
     def host(self) -> Host:

@@ -4,10 +4,14 @@ writes, since a partitioned host cannot write to the database."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -177,8 +181,7 @@ def test_partitioned_host_loses_its_jobs_to_another_and_comes_back(fapp, conn, d
         h1.heal()
         outputs += [w.stop() for w in (cut, other) if w is not None]
     log = outputs[-1]
-    print(log)
-    assert f"job {long_job.id} faults.away attempt 1: claim lost (its lease ran out" in log
+    assert f"job {long_job.id} faults.away attempt 1: claim lost (its 2 s lease ran out by this worker's" in log
     assert "interrupting the task" in log
     assert f"job {short_job.id} faults.away attempt 1: claim lost before its success was recorded" in log
     assert "Traceback" not in log, log
@@ -192,3 +195,69 @@ def test_partitioned_host_loses_its_jobs_to_another_and_comes_back(fapp, conn, d
     print(f"\npartition: h1 stopped its task {stopped - cut_at:.2f} s after the cut, h2 started it again "
           f"{restarted - cut_at:.2f} s after; h1's heartbeat failed after {failed_after:.1f} s and got through "
           f"{back_after:.1f} s after the heal")
+
+
+def _sockets(pid: int) -> int:
+    """Sockets the process *pid* has open. (psutil's connections() reads the test process's network
+    namespace, not the host's.)"""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def _sessions(conn) -> int:
+    """The worker's sessions: pgq's, other than the test's own producer pool (pgq-client)."""
+    return scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name LIKE 'pgq-%%' AND application_name <> 'pgq-client'")
+
+
+@needs_hosts
+@pytest.mark.slow
+def test_a_flapping_link_leaks_nothing_and_loses_nothing(fapp, conn, db_url, network, runs_dir):
+    """h1's link goes down for 2 s and up for 2 s, five times, while it drains jobs whose lease (2 s) an
+    outage can outlast. It keeps working between the cuts; afterwards it holds as many sessions, sockets
+    and threads as before, and every job succeeded exactly once."""
+    h1 = network.host()
+    worker = HostWorker(h1, _url(h1, db_url), "-c", "4", env={"PGQ_TEST_RUNS_DIR": str(runs_dir)})
+    outputs = []
+    try:
+        wait_registered(conn, worker)
+        with fapp.connection() as c:
+            ids = [fault_apps.away.apply_async(args=(0.2,), connection=c).id for _ in range(160)]
+        wait_for(lambda: _succeeded(conn) >= 12, timeout=20, what="work under way")
+        process = psutil.Process(worker.pid)
+        before = {"sessions": _sessions(conn), "sockets": _sockets(worker.pid), "threads": process.num_threads(),
+                  "forwarded": h1.forwarder.open_connections()}
+        done = [_succeeded(conn)]
+        for _ in range(5):
+            h1.partition()
+            time.sleep(2.0)  # the fault itself
+            h1.heal()
+            time.sleep(2.0)
+            done.append(_succeeded(conn))
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=60, interval=0.2, what="every job to succeed")
+        after = {}
+
+        def settled() -> bool:
+            after.update(sessions=_sessions(conn), sockets=_sockets(worker.pid), threads=process.num_threads(),
+                         forwarded=h1.forwarder.open_connections())
+            return after == before
+
+        wait_for(settled, timeout=30, interval=0.2, what=f"the worker's resources as before ({before})")
+    finally:
+        h1.heal()
+        outputs.append(worker.stop())
+    progress = [b - a for a, b in itertools.pairwise(done)]
+    _load_runs(conn, runs_dir)
+    counts = _assert_exactly_once(conn, ids)
+    given_up = outputs[0].count("lease ran out by this worker's clock")
+    print(f"\nflapping: jobs done per cycle {progress}, {counts}, claims given up {given_up}, "
+          f"before {before}, after {after}")
+    assert min(progress) > 0, progress  # it worked in every cycle
+    assert "Traceback" not in outputs[0], outputs[0]
+
+
+def _succeeded(conn) -> int:
+    return scalar(conn, "SELECT count(*) FROM pgq.jobs WHERE status = 'succeeded'")
