@@ -29,7 +29,8 @@ _local = threading.local()
 def _conn() -> psycopg.Connection:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or conn.broken:
-        conn = psycopg.connect(app.database_url, autocommit=True)
+        # PGQ_TEST_RUNS_URL: straight to the database when the worker's own URL goes through PgBouncer.
+        conn = psycopg.connect(os.environ.get("PGQ_TEST_RUNS_URL") or app.database_url, autocommit=True)
         _local.conn = conn
     return conn
 
