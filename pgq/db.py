@@ -30,9 +30,10 @@ CONNECT_TIMEOUT = 10
 #: statement the server took and has not answered, the listener's idle connection), fails: the heartbeat,
 #: claim and listener connections of that host failed 10.6-10.8 s after the cut. 10 s is a third of the
 #: default lease (30 s), like the heartbeat's interval: a heartbeat stuck on a dead connection fails, and
-#: its retry on a new connection (connect_timeout 10 s) can land, before the lease it renews runs out. Too low, and a congested link that drops packets for
-#: a few seconds costs connections that would have recovered; too high, and leases expire on workers that
-#: are only waiting for a dead connection. Ignored for Unix sockets.
+#: its retry on a new connection (connect_timeout 10 s) can land, before the lease it renews runs out.
+#: Too low, and a congested link that drops packets for a few seconds costs connections that would have
+#: recovered; too high, and leases expire on workers that are only waiting for a dead connection. Ignored
+#: for Unix sockets. The server's side of the same connections: SERVER_SIDE.
 TCP_TIMEOUTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
                 "tcp_user_timeout": "10000"}
 
@@ -94,11 +95,15 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", setting
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {error_line(exc)}") from exc
-    wanted = {**({"enable_seqscan": "off"} if role in INDEX_ONLY_ROLES else {}), **(settings or {})}
+    wanted = {}
+    if role in INDEX_ONLY_ROLES:
+        options = given.get("options") or ""  # the URL's own -c settings win
+        wanted = {"enable_seqscan": "off", **{k: v for k, v in SERVER_SIDE.items() if k not in options}}
+    wanted.update(settings or {})
     if wanted and conn.prepare_threshold is not None:
-        try:
-            for name, value in wanted.items():
-                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        try:  # one round trip for them all
+            conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(wanted)),
+                         [x for item in wanted.items() for x in item])
         except psycopg.Error:
             conn.close()
             raise
@@ -116,6 +121,18 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", setting
 #: Not without prepared statements (--no-prepare, for PgBouncer in transaction mode): each statement is
 #: then planned afresh, and a session setting would leak to other clients through the pooler.
 INDEX_ONLY_ROLES = frozenset({"worker", "listener", "pruner", "scheduler"})
+
+#: The server's side of the same connections (INDEX_ONLY_ROLES, and not behind PgBouncer, like them): how
+#: the server gives up on a worker that vanished behind a partition, as the worker gives up on the server
+#: (TCP_TIMEOUTS), instead of keeping its session for the kernel's 15 minutes to 2 hours. An orphaned
+#: session holds a connection slot; one cut off inside a transaction (the recorder's batch of retries and
+#: failures, the limited claim) also holds the row locks of its jobs, and the rescue, which skips locked
+#: rows, cannot give those jobs to anyone until the session ends. pgq's transactions send their statements
+#: back to back, so 10 s idle inside one means the worker is gone. Too low, and a worker whose link stalls
+#: for longer than this mid-transaction has it rolled back (it retries the batch on a new connection); too
+#: high, and its jobs wait that long after their lease. The TCP settings are ignored on Unix sockets.
+SERVER_SIDE = {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "5",
+               "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3", "tcp_user_timeout": "10000"}
 
 
 def describe_url(url: str) -> str:

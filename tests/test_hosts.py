@@ -13,10 +13,12 @@ from pathlib import Path
 
 import psutil
 import psycopg
+import psycopg.errors
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from pgq import db
+from pgq.maintenance import rescue_expired
 from tests import control_apps, fault_apps, netns
 from tests.helpers import scalar, wait_for, wait_registered
 from tests.netns import HostWorker
@@ -99,6 +101,39 @@ def test_connections_give_up_on_a_silent_network_unless_the_url_says_otherwise(d
     with db.connect(f"{db_url} tcp_user_timeout=30000 keepalives_idle=60") as conn:
         assert (params(conn)["tcp_user_timeout"], params(conn)["keepalives_idle"]) == ("30000", "60")
         assert params(conn)["keepalives_count"] == "3"
+    with db.connect(db_url, role="worker") as conn:
+        assert scalar(conn, "SHOW idle_in_transaction_session_timeout") == "10s"
+    with db.connect(f"{db_url} options='-c idle_in_transaction_session_timeout=1min'", role="worker") as conn:
+        assert scalar(conn, "SHOW idle_in_transaction_session_timeout") == "1min"
+
+
+def test_a_worker_session_cut_off_inside_a_transaction_ends_and_its_jobs_are_rescued(capp, conn, db_url, monkeypatch):
+    """A worker cut off between the statements of a transaction (a recorder's batch) leaves its session
+    idle in that transaction, holding its jobs' row locks, which the rescue skips. The server ends such a
+    session after idle_in_transaction_session_timeout (pgq sets 10 s on its workers' sessions; 1 s here)."""
+    monkeypatch.setitem(db.SERVER_SIDE, "idle_in_transaction_session_timeout", "1s")
+    handle = control_apps.plain.delay("x")
+    worker = capp.worker(concurrency=1, worker_id="gone")
+    try:
+        [claimed] = worker._claim(1)
+    finally:
+        worker._drop_claim_conn()
+    conn.execute("UPDATE pgq.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (handle.id,))
+    cut = db.connect(db_url, role="worker", autocommit=True)
+    try:
+        cut.execute("BEGIN")
+        cut.execute("SELECT 1 FROM pgq.jobs WHERE id = %s FOR UPDATE", (claimed.id,))  # as the batch's UPDATE
+        started = time.monotonic()
+        assert rescue_expired(conn) == []  # locked: skipped
+        [rescued] = wait_for(lambda: rescue_expired(conn), timeout=10, interval=0.1, what="the rescue")
+        took = time.monotonic() - started
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            cut.execute("SELECT 1")
+        assert cut.broken
+    finally:
+        cut.close()
+    assert rescued[:2] == (handle.id, "retrying")
+    assert took < 3, took
 
 
 def _events(conn, job_id: int) -> list[tuple[str, int, datetime]]:
