@@ -167,6 +167,21 @@ def test_a_worker_whose_heartbeat_hangs_stops_its_task_when_the_lease_runs_out(c
     assert (stopped - lease).total_seconds() < 0.1, (stopped, lease)
 
 
+def test_timeouts_are_enforced_while_the_heartbeat_hangs(fapp, conn):
+    """Task timeouts need no database: they are not held up by a keeper whose heartbeat hangs."""
+    with fapp.worker(concurrency=1, poll_interval=0.1, worker_id="stuck").running():
+        wait_for(lambda: scalar(conn, "SELECT count(*) FROM pgq.workers WHERE id = 'stuck'"), what="registration")
+        with psycopg.connect(fapp.database_url) as blocker:
+            blocker.execute("SELECT 1 FROM pgq.workers WHERE id = 'stuck' FOR UPDATE")
+            handle = fault_apps.spin.delay()  # timeout 0.5 s, 2 attempts, no backoff
+            started = time.monotonic()
+            wait_for(lambda: scalar(conn, "SELECT status FROM pgq.jobs WHERE id = %s", (handle.id,)) == "failed",
+                     timeout=10, what="both attempts to time out")
+            took = time.monotonic() - started
+    assert took < 2.5, took
+    assert scalar(conn, "SELECT attempts FROM pgq.jobs WHERE id = %s", (handle.id,)) == 2
+
+
 def _runs(runs_dir: Path, pid: int) -> list[list[str]]:
     path = runs_dir / f"{pid}.runs"
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
