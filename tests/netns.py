@@ -156,7 +156,7 @@ class Host:
     """A network namespace with one link to this machine, where worker processes run."""
 
     def __init__(self, network: Network, index: int):
-        self.name = f"pgqc-h{index}-{_RUN}"
+        self.name = f"pgqc-h{index}-{os.getpid()}"
         self.outside = f"pgqc{_RUN}h{index}a"  # the link's end on this machine
         self.inside = f"pgqc{_RUN}h{index}b"  # its end in the namespace
         self.gateway = f"10.231.{network.subnet}.{4 * index + 1}"
@@ -206,12 +206,25 @@ class Host:
         _ip("netns", "del", self.name, check=False)
 
 
+def _remove_stale() -> None:
+    """Remove the namespaces of test runs that died without cleaning up (their veth links go with them),
+    so their addresses do not collide with this run's."""
+    listed = _ip("netns", "list", check=False).stdout.split("\n")
+    for line in listed:
+        name = line.split(" ")[0]
+        if name.startswith("pgqc-h") and name.rsplit("-", 1)[-1].isdigit():
+            pid = int(name.rsplit("-", 1)[-1])
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                _ip("netns", "del", name, check=False)
+
+
 class Network:
     """The hosts of one test; :meth:`close` removes them all."""
 
     _made = 0
 
     def __init__(self, socket_path: str):
+        _remove_stale()
         self.socket_path = socket_path
         Network._made += 1
         self.subnet = (_RUN + Network._made) % 250 + 1
