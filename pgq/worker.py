@@ -194,6 +194,7 @@ class Worker:
         self._hurry = threading.Event()  # second signal: stop waiting for running jobs
         self._watch_stop = threading.Event()
         self._watch_poke = threading.Event()  # a job with an earlier lease end or deadline than planned
+        self._watch_next = 0.0  # monotonic time the watchdog plans to look next
         self._threads: list[threading.Thread] = []
         self._runners: list[threading.Thread] = []
         self._claim_conn: psycopg.Connection | None = None
@@ -432,7 +433,7 @@ class Worker:
             self._unfinished += len(jobs)
         if jobs:  # their leases need a heartbeat within a third of the shortest
             self.keeper.tick_by(time.monotonic() + min(j.lease_seconds for j in jobs) / 3)
-            self._watch_poke.set()
+            self._watch_by(sent + min(j.lease_seconds for j in jobs))
         return jobs
 
     def _drop_claim_conn(self) -> None:
@@ -554,7 +555,12 @@ class Worker:
         return len(expired)
 
     def _watch_loop(self) -> None:
+        """The watchdog: timeouts and leases by this worker's clock, at the first moment one may run out,
+        and at least once a second. Each look walks the held jobs once; a claim or a job's start wakes it
+        only when it brings an earlier moment (see _watch_by), not on every claim of a busy worker."""
         while not self._watch_stop.is_set():
+            self._watch_next = float("inf")  # looking now: a job held meanwhile pokes, for another look
+            self._watch_poke.clear()
             self.enforce_timeouts()
             self.expire_leases()
             with self._held_lock:
@@ -563,8 +569,14 @@ class Worker:
             deadline = self.next_deadline()
             if deadline is not None:
                 due = min(due, deadline)
-            self._watch_poke.wait(max(0.0, min(due - time.monotonic(), 1.0)))
-            self._watch_poke.clear()
+            now = time.monotonic()
+            self._watch_next = min(due, now + 1.0)
+            self._watch_poke.wait(max(0.0, self._watch_next - now))
+
+    def _watch_by(self, when: float) -> None:
+        """Make sure the watchdog looks no later than *when* (monotonic)."""
+        if when < self._watch_next:
+            self._watch_poke.set()
 
     def lost_leases(self, ids: Iterable[int]) -> None:
         """The keeper's heartbeat found these jobs' claims gone: stop heartbeating them, and stop their
@@ -620,7 +632,7 @@ class Worker:
             return
         if timeout:
             self.keeper.tick_by(started + timeout)
-            self._watch_poke.set()
+            self._watch_by(started + timeout)
         log.debug("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
         self.metrics.job_started(job)
         outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
