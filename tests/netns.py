@@ -1,7 +1,7 @@
 """Hosts with networks of their own, on one machine: each worker runs in a Linux network namespace
 joined to this one by a veth pair, and reaches PostgreSQL over TCP, as a worker on another machine
 would. The test server listens on a Unix socket only, so a small forwarder in the test process accepts
-TCP on each host's link and relays it to that socket.
+TCP on each host's link and relays it to that socket (or to a PgBouncer on this machine's loopback).
 
 A partition is silent, as a broken path through a router is: a ``blackhole`` queueing discipline on
 both ends of the link drops every packet, no RST comes back, and the neighbour entries are pinned
@@ -70,7 +70,8 @@ def unavailable() -> str | None:
 
 
 class Forwarder:
-    """Accepts TCP on (*address*, *port*) and relays each connection to the Unix socket *target*.
+    """Accepts TCP on (*address*, *port*) and relays each connection to *target*: a Unix socket's path, or
+    (host, port) on this machine's loopback (a PgBouncer).
 
     Its sockets toward the hosts probe an idle peer (keepalive after 2 s, every 1 s, 3 probes) and give
     up on data left unacknowledged for 5 s, as a PostgreSQL server with ``tcp_keepalives_idle = 2``,
@@ -79,7 +80,7 @@ class Forwarder:
     hours (the kernel's defaults: 2 hours of silence before the first probe).
     """
 
-    def __init__(self, address: str, port: int, target: str):
+    def __init__(self, address: str, port: int, target: str | tuple[str, int]):
         self.target = target
         self._listener = socket.create_server((address, port))
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
@@ -102,7 +103,7 @@ class Forwarder:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000)
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server = socket.socket(socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET)
             try:
                 server.connect(self.target)
             except OSError:
@@ -175,7 +176,7 @@ class Host:
             _ip("neigh", "replace", self.address, "lladdr", inside_mac, "dev", self.outside, "nud", "permanent")
             _ip("neigh", "replace", self.gateway, "lladdr", outside_mac, "dev", self.inside, "nud", "permanent",
                 namespace=self.name)
-            self.forwarder = Forwarder(self.gateway, PORT, network.socket_path)
+            self.forwarder = Forwarder(self.gateway, PORT, network.target)
         except BaseException:
             self.remove()
             raise
@@ -223,9 +224,11 @@ class Network:
 
     _made = 0
 
-    def __init__(self, socket_path: str):
+    def __init__(self, target: str | tuple[str, int]):
+        """Hosts whose link leads to *target* (see Forwarder)."""
         _remove_stale()
-        self.socket_path = socket_path
+        self.target = target
+        self.worker_args: tuple[str, ...] = ()  # what workers on these hosts need (--no-listen behind PgBouncer)
         Network._made += 1
         self.subnet = (_RUN + Network._made) % 250 + 1
         self.hosts: list[Host] = []

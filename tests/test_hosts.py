@@ -22,6 +22,7 @@ from pgq.maintenance import rescue_expired
 from tests import control_apps, fault_apps, netns
 from tests.helpers import scalar, wait_for, wait_registered
 from tests.netns import HostWorker
+from tests.pgbouncer import MISSING, pgbouncer
 from tests.test_faults import _assert_exactly_once
 
 needs_hosts = pytest.mark.skipif(bool(netns.unavailable()), reason=f"no hosts: {netns.unavailable()}")
@@ -44,13 +45,21 @@ def fapp(db_url, conn):
 
 
 @pytest.fixture
-def network(db_url):
-    params = conninfo_to_dict(db_url)
-    net = netns.Network(f"{params['host']}/.s.PGSQL.{params.get('port') or 5432}")
-    try:
+def network(request, db_url):
+    """The hosts' network, leading straight to PostgreSQL, or (parametrized "pgbouncer") to a PgBouncer in
+    transaction mode, with workers run --no-listen --no-prepare."""
+    with contextlib.ExitStack() as stack:
+        if getattr(request, "param", "direct") == "pgbouncer":
+            if MISSING:
+                pytest.skip(MISSING)
+            _, _, port = stack.enter_context(pgbouncer(db_url))
+            net = netns.Network(("127.0.0.1", port))
+            net.worker_args = ("--no-listen", "--no-prepare")
+        else:
+            params = conninfo_to_dict(db_url)
+            net = netns.Network(f"{params['host']}/.s.PGSQL.{params.get('port') or 5432}")
+        stack.callback(net.close)
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture
@@ -189,13 +198,15 @@ def _runs(runs_dir: Path, pid: int) -> list[list[str]]:
 
 @needs_hosts
 @pytest.mark.slow
+@pytest.mark.parametrize("network", ["direct", "pgbouncer"], indirect=True)
 def test_partitioned_host_loses_its_jobs_to_another_and_comes_back(fapp, conn, db_url, network, runs_dir):
-    """h1 is cut off with one job running for 5 leases and one that ends during the partition. It stops
-    the first itself when its lease runs out by its own clock; h2 rescues both and runs them again; h1's
-    late success is refused by the fence when the link heals, and h1 goes back to work."""
+    """h1 is cut off with one job running for 5 leases and one that ends during the partition (its link
+    leads straight to PostgreSQL, or to a PgBouncer). It stops the first itself when its lease runs out by
+    its own clock; h2 rescues both and runs them again; h1's late success is refused by the fence when the
+    link heals, and h1 goes back to work."""
     h1, h2 = network.host(), network.host()
     env = {"PGQ_TEST_RUNS_DIR": str(runs_dir)}
-    cut = HostWorker(h1, _url(h1, db_url), "-c", "2", env=env)
+    cut = HostWorker(h1, _url(h1, db_url), "-c", "2", *network.worker_args, env=env)
     other = None
     outputs: list[str] = []
     try:
@@ -203,7 +214,7 @@ def test_partitioned_host_loses_its_jobs_to_another_and_comes_back(fapp, conn, d
         long_job = fault_apps.away.delay(10.0)  # 5 leases: it lives on heartbeats
         short_job = fault_apps.away.delay(5.0)  # to end during the partition, before its lease runs out
         wait_for(lambda: len(_runs(runs_dir, cut.pid)) == 2, timeout=20, what="both jobs to start on h1")
-        other = HostWorker(h2, _url(h2, db_url), "-c", "2", env=env)
+        other = HostWorker(h2, _url(h2, db_url), "-c", "2", *network.worker_args, env=env)
         wait_registered(conn, other)
         # The cut comes 0.5 s before the short job ends: the last heartbeat was at most a third of the
         # lease (0.67 s) earlier, so the job ends with its lease still valid, and its success waits.
@@ -242,7 +253,8 @@ def test_partitioned_host_loses_its_jobs_to_another_and_comes_back(fapp, conn, d
         "SELECT extract(epoch FROM a.ended_at)::float8, extract(epoch FROM b.started_at)::float8 FROM fault_runs a "
         "JOIN fault_runs b USING (job_id) WHERE job_id = %s AND a.attempt = 1 AND b.attempt = 2 "
         "AND a.interrupted = 'LeaseLost'", (long_job.id,)).fetchone()
-    print(f"\npartition: h1 stopped its task {stopped - cut_at:.2f} s after the cut, h2 started it again "
+    via = "through pgbouncer" if network.worker_args else "direct"
+    print(f"\npartition ({via}): h1 stopped its task {stopped - cut_at:.2f} s after the cut, h2 started it again "
           f"{restarted - cut_at:.2f} s after; h1's heartbeat failed after {failed_after:.1f} s and got through "
           f"{back_after:.1f} s after the heal")
 
