@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from . import control, db, embedded, enqueue, limits, migrate
@@ -142,7 +143,7 @@ class App:
             min_size=1,
             max_size=self._pool_size,
             kwargs={"application_name": "pgq-client", "prepare_threshold": db.prepare_threshold(),
-                    "autocommit": True},
+                    "autocommit": True, **db.tcp_timeouts(conninfo_to_dict(url))},
             open=True,
             name="pgq-client",
         )

@@ -20,6 +20,23 @@ log = logging.getLogger("pgq.worker")
 #: Seconds to wait for a connection unless the URL says otherwise (connect_timeout=…).
 CONNECT_TIMEOUT = 10
 
+#: How a TCP connection to a database that stopped answering fails, unless the URL sets these libpq
+#: parameters itself. A partition, a failover that moved the server's address, or a server machine that
+#: lost power sends no RST: the kernel's defaults retransmit unacknowledged data for about 15 minutes
+#: (tcp_retries2 = 15) and probe an idle connection only after 2 hours. A worker's heartbeat sent into such
+#: a connection blocks: on a partitioned test host (tests/test_hosts.py) it had not failed 33 s later,
+#: when the test gave up, 16 times the jobs' lease. With these, data unacknowledged for 10 s
+#: (tcp_user_timeout), or a connection silent for 5 s and then deaf to 3 probes 2 s apart (keepalives: a
+#: statement the server took and has not answered, the listener's idle connection), fails: the heartbeat,
+#: claim and listener connections of that host failed 10.6-10.8 s after the cut. 10 s is a third of the
+#: default lease (30 s), like the heartbeat's interval: a heartbeat stuck on a dead connection fails, and
+#: its retry on a new connection (connect_timeout 10 s) can land, before the lease it renews runs out.
+#: Too low, and a congested link that drops packets for a few seconds costs connections that would have
+#: recovered; too high, and leases expire on workers that are only waiting for a dead connection. Ignored
+#: for Unix sockets. The server's side of the same connections: SERVER_SIDE.
+TCP_TIMEOUTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
+                "tcp_user_timeout": "10000"}
+
 URL_ENV_VARS = ("PGQ_DATABASE_URL", "DATABASE_URL")
 
 _SQLALCHEMY_SCHEME = re.compile(r"^postgres(?:ql)?\+[a-z0-9_]+://", re.IGNORECASE)
@@ -51,16 +68,23 @@ def prepare_threshold() -> int | None:
     return None if os.environ.get("PGQ_PREPARE", "1").lower() in ("0", "false", "no", "off") else 5
 
 
+def tcp_timeouts(given: dict[str, Any]) -> dict[str, str]:
+    """TCP_TIMEOUTS, less those the connection parameters *given* (a URL's, or keywords) set."""
+    return {name: value for name, value in TCP_TIMEOUTS.items() if name not in given}
+
+
 def connect(url: str, *, autocommit: bool = False, role: str = "client", settings: dict[str, str] | None = None,
             **kwargs: Any) -> psycopg.Connection:
     """Open a connection tagged with pgq's application_name, so operators can tell pgq's sessions apart
     in ``pg_stat_activity``. *settings* are session settings (SET), applied only where sessions are pgq's
     own: not with prepared statements off (PGQ_PREPARE=0), pgq's sign that a transaction pooler such as
     PgBouncer hands the server session to other clients between statements."""
-    if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo_to_dict(url):
+    given = conninfo_to_dict(url)
+    if "connect_timeout" not in kwargs and "connect_timeout" not in given:
         # libpq would wait indefinitely (psycopg: 130 s) for a server that does not answer; a worker
         # would rather back off and retry, and a stopping worker must not hang on it.
         kwargs["connect_timeout"] = CONNECT_TIMEOUT
+    kwargs = {**tcp_timeouts(given), **kwargs}
     try:
         conn = psycopg.connect(
             url,
@@ -71,11 +95,15 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", setting
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {error_line(exc)}") from exc
-    wanted = {**({"enable_seqscan": "off"} if role in INDEX_ONLY_ROLES else {}), **(settings or {})}
+    wanted = {}
+    if role in INDEX_ONLY_ROLES:
+        options = given.get("options") or ""  # the URL's own -c settings win
+        wanted = {"enable_seqscan": "off", **{k: v for k, v in SERVER_SIDE.items() if k not in options}}
+    wanted.update(settings or {})
     if wanted and conn.prepare_threshold is not None:
-        try:
-            for name, value in wanted.items():
-                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        try:  # one round trip for them all
+            conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(wanted)),
+                         [x for item in wanted.items() for x in item])
         except psycopg.Error:
             conn.close()
             raise
@@ -93,6 +121,18 @@ def connect(url: str, *, autocommit: bool = False, role: str = "client", setting
 #: Not without prepared statements (--no-prepare, for PgBouncer in transaction mode): each statement is
 #: then planned afresh, and a session setting would leak to other clients through the pooler.
 INDEX_ONLY_ROLES = frozenset({"worker", "listener", "pruner", "scheduler"})
+
+#: The server's side of the same connections (INDEX_ONLY_ROLES, and not behind PgBouncer, like them): how
+#: the server gives up on a worker that vanished behind a partition, as the worker gives up on the server
+#: (TCP_TIMEOUTS), instead of keeping its session for the kernel's 15 minutes to 2 hours. An orphaned
+#: session holds a connection slot; one cut off inside a transaction (the recorder's batch of retries and
+#: failures, the limited claim) also holds the row locks of its jobs, and the rescue, which skips locked
+#: rows, cannot give those jobs to anyone until the session ends. pgq's transactions send their statements
+#: back to back, so 10 s idle inside one means the worker is gone. Too low, and a worker whose link stalls
+#: for longer than this mid-transaction has it rolled back (it retries the batch on a new connection); too
+#: high, and its jobs wait that long after their lease. The TCP settings are ignored on Unix sockets.
+SERVER_SIDE = {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "5",
+               "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3", "tcp_user_timeout": "10000"}
 
 
 def describe_url(url: str) -> str:

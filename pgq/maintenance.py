@@ -120,9 +120,11 @@ class Keeper:
         w = self.worker
         tokens = w.held_tokens()
         if tokens:
+            sent = time.monotonic()
             rows = conn.execute(sql.EXTEND_LEASES, {"ids": [t[0] for t in tokens],
                                                     "tokens": [t[1] for t in tokens]}).fetchall()
             kept = {row[0] for row in rows}
+            w.leases_renewed([(t[0], t[1]) for t in tokens if t[0] in kept], sent)
             lost = [t[0] for t in tokens if t[0] not in kept]
             if lost:
                 w.lost_leases(lost)

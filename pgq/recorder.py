@@ -98,6 +98,9 @@ class Recorder:
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
+            if self._conn.broken:  # the server ended the session (idle_in_transaction_session_timeout, see
+                # db.SERVER_SIDE; a terminate): an outage, not a value it refused. Retried on a new connection.
+                raise DatabaseUnavailable(f"the session ended: {error_line(exc)}") from exc
             log.warning("recording %d outcome(s) together failed (%s); recording them one by one",
                         len(batch), exc)
             for item in batch:

@@ -9,6 +9,8 @@ Threads, and what each owns:
 - the recorder writes outcomes, many successes in one fenced statement;
 - the keeper heartbeats: extends the leases of running jobs, refreshes the worker row, and rescues
   jobs whose lease expired anywhere (see :mod:`pgq.maintenance`);
+- the watchdog needs no database: it ends attempts at their timeout, and stops the tasks whose lease ran
+  out by the worker's own clock while the keeper could not reach the database (see expire_leases);
 - the pruner asks for the pruning round once a minute and, when it gets it, deletes finished jobs past
   their retention in short batches (see :mod:`pgq.pruner`). Its own thread: a round over a large backlog
   takes seconds, which the keeper's heartbeats cannot wait for.
@@ -105,6 +107,9 @@ class _Held:
     timed_out: bool = False  # its timeout outcome is recorded; whatever the thread returns is discarded
     cancelled: bool = False  # its cancellation is recorded; likewise
     finished: bool = False  # the task returned: too late to time out or cancel, its own outcome stands
+    # Monotonic time by which the lease has run out in the database, for sure: when the statement that set
+    # it (the claim, the last heartbeat that renewed it) was sent, plus the lease. See expire_leases.
+    lease_until: float = float("inf")
     cancel_event: CancelFlag = field(default_factory=CancelFlag)  # the task's is_cancelled()
 
 
@@ -196,6 +201,9 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()  # stop claiming
         self._hurry = threading.Event()  # second signal: stop waiting for running jobs
+        self._watch_stop = threading.Event()
+        self._watch_poke = threading.Event()  # a job with an earlier lease end or deadline than planned
+        self._watch_next = 0.0  # monotonic time the watchdog plans to look next
         self._threads: list[threading.Thread] = []
         self._runners: list[threading.Thread] = []
         self._claim_conn: psycopg.Connection | None = None
@@ -290,7 +298,8 @@ class Worker:
 
     def _start_threads(self) -> None:
         specs: list[tuple[str, Callable[[], None]]] = [("pgq-recorder", self.recorder.loop),
-                                                       ("pgq-keeper", self.keeper.loop)]
+                                                       ("pgq-keeper", self.keeper.loop),
+                                                       ("pgq-watchdog", self._watch_loop)]
         if self.listen:
             specs.append(("pgq-listener", self._listen_loop))
         if self.pruner is not None:
@@ -396,10 +405,10 @@ class Worker:
         return self._claim_conn
 
     def _claim(self, limit: int) -> list[ClaimedJob]:
-        rows = self._claim_connection().execute(
-            sql.CLAIM, {"queues": self.queues, "limit": limit, "worker_id": self.id}
-        ).fetchall()
-        return self._hold([ClaimedJob(*row) for row in rows])
+        conn = self._claim_connection()
+        sent = time.monotonic()
+        rows = conn.execute(sql.CLAIM, {"queues": self.queues, "limit": limit, "worker_id": self.id}).fetchall()
+        return self._hold([ClaimedJob(*row) for row in rows], sent)
 
     def _limited_wanted(self) -> bool:
         if self._limited_due.is_set():
@@ -412,7 +421,8 @@ class Worker:
         look, a one-statement probe comes first, so that workers without limited work pay one index
         probe per poll interval or NOTIFY, not a transaction."""
         conn = self._claim_connection()
-        self._limited_next = time.monotonic() + self.poll_interval
+        sent = time.monotonic()
+        self._limited_next = sent + self.poll_interval
         if not self._limited_waiting:
             if not conn.execute(sql.LIMITED_DUE, {"queues": self.queues}).fetchone()[0]:
                 return []
@@ -427,9 +437,11 @@ class Worker:
         if retry_in is not None:  # a job waits for a token: come back when it is there (5 ms late)
             self._limited_next = min(self._limited_next, time.monotonic() + retry_in + 0.005)
         # Reversed: each goes to the front of the runners' queue (see _Ready), so the first ends up first.
-        return self._hold([ClaimedJob(*row, limited=True) for row in rows])[::-1]
+        return self._hold([ClaimedJob(*row, limited=True) for row in rows], sent)[::-1]
 
-    def _hold(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
+    def _hold(self, jobs: list[ClaimedJob], sent: float | None = None) -> list[ClaimedJob]:
+        """Hold *jobs*, claimed by a statement sent at monotonic time *sent* (None: now)."""
+        sent = time.monotonic() if sent is None else sent
         jobs.sort(key=lambda j: (-j.priority, j.id))
         with self._held_lock:
             for job in jobs:
@@ -438,10 +450,11 @@ class Worker:
                     self._unfinished -= 1
                     if not (old.timed_out or old.cancelled):  # its outcome is not written: the claim was lost
                         self._lose(old)
-                self._held[job.id] = _Held(job)
+                self._held[job.id] = _Held(job, lease_until=sent + job.lease_seconds)
             self._unfinished += len(jobs)
         if jobs:  # their leases need a heartbeat within a third of the shortest
             self.keeper.tick_by(time.monotonic() + min(j.lease_seconds for j in jobs) / 3)
+            self._watch_by(sent + min(j.lease_seconds for j in jobs))
         return jobs
 
     def _drop_claim_conn(self) -> None:
@@ -532,6 +545,60 @@ class Worker:
         with self._held_lock:
             return [(h.job.id, h.job.token, h.job.lease_seconds) for h in self._held.values()]
 
+    def leases_renewed(self, renewed: Iterable[tuple[int, int]], sent: float) -> None:
+        """The keeper's heartbeat, sent at monotonic time *sent*, extended the leases of these (id, claim
+        token): in the database they now last at least until *sent* plus the lease."""
+        with self._held_lock:
+            for job_id, token in renewed:
+                held = self._held.get(job_id)
+                if held is not None and held.job.token == token:
+                    held.lease_until = sent + held.job.lease_seconds
+
+    def expire_leases(self) -> int:
+        """Give up the jobs whose lease has run out by this worker's own clock: no heartbeat has renewed it
+        for a whole lease, because the keeper could not reach the database (a partition, an outage, a
+        connection that hangs). In the database the lease may outlast this moment but never precedes it
+        (the statement that set it was sent before the database read its clock), so from here on any
+        worker may rescue the job and start it again. A task still running here is stopped now, before
+        that can happen, rather than when the heartbeat gets through and finds the claim gone; a job still
+        waiting for a runner never starts. Whatever the task returns is discarded, and the job runs again
+        after its rescue. An outcome already waiting for the recorder is kept: the fence decides it.
+        Called by the watchdog thread; returns how many jobs were given up."""
+        now = time.monotonic()
+        with self._held_lock:
+            expired = [h for h in self._held.values()
+                       if h.lease_until <= now and not (h.finished or h.timed_out or h.cancelled)]
+            for held in expired:
+                self._drop_held(held.job.id)
+                self._lose(held, f"its {held.job.lease_seconds} s lease ran out by this worker's clock: the claim "
+                                 f"or heartbeat that last set it was sent "
+                                 f"{now - held.lease_until + held.job.lease_seconds:.1f} s ago")
+        return len(expired)
+
+    def _watch_loop(self) -> None:
+        """The watchdog: timeouts and leases by this worker's clock, at the first moment one may run out,
+        and at least once a second. Each look walks the held jobs once; a claim or a job's start wakes it
+        only when it brings an earlier moment (see _watch_by), not on every claim of a busy worker."""
+        while not self._watch_stop.is_set():
+            self._watch_next = float("inf")  # looking now: a job held meanwhile pokes, for another look
+            self._watch_poke.clear()
+            self.enforce_timeouts()
+            self.expire_leases()
+            with self._held_lock:
+                due = min((h.lease_until for h in self._held.values()
+                           if not (h.finished or h.timed_out or h.cancelled)), default=float("inf"))
+            deadline = self.next_deadline()
+            if deadline is not None:
+                due = min(due, deadline)
+            now = time.monotonic()
+            self._watch_next = min(due, now + 1.0)
+            self._watch_poke.wait(max(0.0, self._watch_next - now))
+
+    def _watch_by(self, when: float) -> None:
+        """Make sure the watchdog looks no later than *when* (monotonic)."""
+        if when < self._watch_next:
+            self._watch_poke.set()
+
     def lost_leases(self, ids: Iterable[int]) -> None:
         """The keeper's heartbeat found these jobs' claims gone: stop heartbeating them, and stop their
         tasks (see _lose)."""
@@ -541,17 +608,19 @@ class Worker:
                 if held is not None:
                     self._lose(held)
 
-    def _lose(self, held: _Held) -> None:
-        """*held*'s claim is no longer in the database: its lease ran out and the job was rescued (this
-        worker was frozen, or cut off from the database, for longer than the lease), or a database crash
-        undid the claim. Another worker may be running the job already, so a task still running here is
-        interrupted at once (LeaseLost, the way a cancellation is; its is_cancelled() turns True first),
-        and whatever it returns is discarded. Called with _held_lock held, once per lost claim."""
+    def _lose(self, held: _Held, why: str = "its lease expired and it was rescued, or a database crash undid "
+                                            "the claim") -> None:
+        """*held*'s claim is no longer in the database, or may not be for long: its lease ran out and the
+        job was rescued (this worker was frozen, or cut off from the database, for longer than the lease),
+        a database crash undid the claim, or the lease ran out by this worker's clock (expire_leases).
+        Another worker may be running the job already, so a task still running here is interrupted at
+        once (LeaseLost, the way a cancellation is; its is_cancelled() turns True first), and whatever it
+        returns is discarded. Called with _held_lock held, once per lost claim."""
         job = held.job
         self.metrics.lease_lost(job)
         running = held.started is not None and not (held.finished or held.timed_out or held.cancelled)
-        log.warning("job %d %s attempt %d: claim lost (its lease expired and it was rescued, or a database crash "
-                    "undid the claim); another worker may run it now%s", job.id, job.task_name, job.attempt,
+        log.warning("job %d %s attempt %d: claim lost (%s); another worker may run it now%s", job.id,
+                    job.task_name, job.attempt, why,
                     ": interrupting the task, its outcome will be discarded" if running else "")
         if running:
             held.cancel_event.set()
@@ -584,6 +653,7 @@ class Worker:
             return
         if timeout:
             self.keeper.tick_by(started + timeout)
+            self._watch_by(started + timeout)
         log.debug("job %d %s attempt %d/%d started", job.id, job.task_name, job.attempt, job.max_attempts)
         self.metrics.job_started(job)
         outcome = executor.run(self.app.tasks, job, self.id, held.cancel_event)
@@ -769,6 +839,8 @@ class Worker:
         # 3. Record every outcome we have, then stop the other threads.
         self.recorder.done.set()
         self.keeper.stop()
+        self._watch_stop.set()
+        self._watch_poke.set()
         if self.pruner is not None:
             self.pruner.stop()  # a round in progress ends after its current batch
         for thread in self._threads:

@@ -29,7 +29,8 @@ _local = threading.local()
 def _conn() -> psycopg.Connection:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or conn.broken:
-        conn = psycopg.connect(app.database_url, autocommit=True)
+        # PGQ_TEST_RUNS_URL: straight to the database when the worker's own URL goes through PgBouncer.
+        conn = psycopg.connect(os.environ.get("PGQ_TEST_RUNS_URL") or app.database_url, autocommit=True)
         # The record of executions must survive a database crash, whatever the server's setting.
         conn.execute("SET synchronous_commit = on")
         _local.conn = conn
@@ -129,3 +130,26 @@ def spin() -> None:
 def block(seconds: float) -> None:
     """Blocks in C (sleep) with no timeout of its own: only the worker's --task-timeout ends the attempt."""
     time.sleep(seconds)
+
+
+@app.task(name="faults.away", lease_seconds=2, max_attempts=25, retry_backoff=0.1)
+def away(seconds: float) -> str:
+    """For workers on hosts that the tests cut off from the database: records its execution in a file of
+    its own process (``PGQ_TEST_RUNS_DIR``), which needs no network, for the test to load into fault_runs
+    afterwards; sleeps in 10 ms slices, so that LeaseLost stops it at once. Returns who ran it."""
+    req = _current_request.get()
+    path = os.path.join(os.environ["PGQ_TEST_RUNS_DIR"], f"{os.getpid()}.runs")
+    with open(path, "a") as runs:
+        runs.write(f"start {req.id} {req.attempt} {os.getpid()} {time.time()}\n")
+    interrupted = ""
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    except BaseException as exc:
+        interrupted = type(exc).__name__
+        raise
+    finally:
+        with open(path, "a") as runs:
+            runs.write(f"end {req.id} {req.attempt} {os.getpid()} {time.time()} {interrupted}\n")
+    return f"{os.getpid()}:{req.attempt}"

@@ -3,86 +3,27 @@ statements, and nothing lost."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
+import random
 import threading
 import time
-from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests import apps
+from tests import apps, fault_apps
 from tests.helpers import WorkerProcess, scalar, wait_for
+from tests.pgbouncer import MISSING, pgbouncer
+from tests.test_faults import Fleet, _assert_exactly_once, _enqueue, _succeeded
 
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-pytestmark = pytest.mark.skipif(not os.path.exists(PGBOUNCER),
-                                reason="pgbouncer is not installed (.ci/run installs Debian's package)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "")
 
 
 @pytest.fixture
 def pgbouncer_url(db_url):
-    """A PgBouncer in transaction mode in front of this test's database; its URL."""
-    params = conninfo_to_dict(db_url)
-    port = _free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="pgq-pgbouncer-"))
-    workdir.chmod(0o755)
-    (workdir / "users.txt").write_text(f'"{params["user"]}" "{params.get("password") or ""}"\n')
-    (workdir / "pgbouncer.ini").write_text(f"""
-[databases]
-{params["dbname"]} = host={params["host"]} port={params.get("port") or 5432} dbname={params["dbname"]}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {workdir}/users.txt
-admin_users = {params["user"]}
-pool_mode = transaction
-default_pool_size = 10
-max_client_conn = 200
-ignore_startup_parameters = extra_float_digits
-logfile = {workdir}/pgbouncer.log
-pidfile = {workdir}/pgbouncer.pid
-""")
-    for f in workdir.iterdir():
-        f.chmod(0o644)
-    command = [PGBOUNCER, str(workdir / "pgbouncer.ini")]
-    if os.geteuid() == 0:  # PgBouncer refuses to run as root; the embedded server's user will do
-        command = ["runuser", "-u", "pgserver", "--", *command]
-        shutil.chown(workdir, "pgserver")
-    # Not a pipe: nobody would read it, and a full pipe blocks PgBouncer's logging and with it PgBouncer.
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = make_conninfo(host="127.0.0.1", port=port, dbname=params["dbname"], user=params["user"],
-                        password=params.get("password") or "")
-
-    def up():
-        try:
-            with psycopg.connect(url, connect_timeout=1, prepare_threshold=None) as c:
-                return c.execute("SELECT 1").fetchone()
-        except psycopg.OperationalError:
-            if proc.poll() is not None:
-                log = workdir / "pgbouncer.log"
-                raise AssertionError(f"pgbouncer exited: {log.read_text() if log.exists() else ''}") from None
-            return None
-
-    wait_for(up, timeout=15, what="pgbouncer to accept connections")
-    yield url, workdir / "pgbouncer.log"
-    proc.terminate()
-    proc.wait(timeout=10)
-    shutil.rmtree(workdir, ignore_errors=True)
+    """A PgBouncer in transaction mode in front of this test's database: its URL and log."""
+    with pgbouncer(db_url) as (url, log, _):
+        yield url, log
 
 
 def test_producers_and_workers_through_pgbouncer_lose_nothing(app, conn, pgbouncer_url, monkeypatch):
@@ -122,3 +63,87 @@ def test_producers_and_workers_through_pgbouncer_lose_nothing(app, conn, pgbounc
     assert stop_seconds < 10, f"workers took {stop_seconds:.1f} s to stop through pgbouncer"
     # It really went through the pooler: the producer's pool and both workers logged in there.
     assert log.read_text().count("login attempt") >= 3
+
+
+# --- the fault tests of tests/test_faults.py, through PgBouncer -------------------------------------
+
+@pytest.fixture
+def fapp(db_url, conn):
+    conn.execute(fault_apps.DDL)
+    fault_apps.app.set_database_url(db_url)
+    yield fault_apps.app
+    fault_apps.app.close()
+
+
+def _bounced_fleet(db_url: str, url: str, size: int, *args: str) -> Fleet:
+    """Workers through PgBouncer; their tasks note their executions straight in the database."""
+    return Fleet(url, size, "--no-listen", "--no-prepare", *args, env={"PGQ_TEST_RUNS_URL": db_url})
+
+
+@pytest.mark.slow
+def test_sigkill_through_pgbouncer_loses_nothing(fapp, conn, db_url, pgbouncer_url):
+    url, _ = pgbouncer_url
+    random.seed(20261207)
+    ids = _enqueue(fapp, 1000, seconds=0.003)
+    fleet = _bounced_fleet(db_url, url, 3, "-c", "4")
+    try:
+        deadline = time.monotonic() + 30
+        while fleet.kills < 10 and time.monotonic() < deadline and _succeeded(conn) < len(ids) * 0.9:
+            time.sleep(random.uniform(0.3, 0.9))  # a random moment: claiming, running or recording
+            fleet.kill_one()
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=90, interval=0.2, what="every job to succeed")
+    finally:
+        outputs = fleet.stop()
+    counts = _assert_exactly_once(conn, ids, fleet.killed_at)
+    print(f"\nSIGKILL through pgbouncer: {counts}, kills={fleet.kills}")
+    assert fleet.kills >= 5
+    assert not any("prepared statement" in o for o in outputs)
+
+
+@pytest.mark.slow
+def test_postgres_restart_behind_pgbouncer_loses_nothing(fapp, conn, db_url, pgbouncer_url, restart_postgres):
+    url, _ = pgbouncer_url
+    ids = _enqueue(fapp, 400, seconds=0.01)
+    fleet = _bounced_fleet(db_url, url, 2, "-c", "4")
+    try:
+        wait_for(lambda: _succeeded(conn) >= 80, timeout=30, what="work under way")
+        procs = [psutil.Process(w.pid) for w in fleet.workers]
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        started = time.monotonic()
+        conn.close()
+        restart_postgres(2.0)
+        outage = time.monotonic() - started
+        cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True)]
+        with psycopg.connect(db_url, autocommit=True) as conn2:
+            restarted = time.monotonic()
+            wait_for(lambda: _succeeded(conn2) == len(ids), timeout=90, interval=0.2, what="all jobs after restart")
+            drained = time.monotonic() - restarted
+            counts = _assert_exactly_once(conn2, ids)
+            assert all(w.proc.poll() is None for w in fleet.workers), "a worker exited during the outage"
+            assert all(c < 0.5 * outage for c in cpu), f"cpu seconds during a {outage:.1f} s outage: {cpu}"
+    finally:
+        outputs = fleet.stop()
+    print(f"\nrestart behind pgbouncer: {counts}, the rest done {drained:.1f} s after the restart")
+    assert not any("prepared statement" in o or "Traceback" in o for o in outputs)
+
+
+@pytest.mark.slow
+def test_terminated_server_connections_behind_pgbouncer_lose_nothing(fapp, conn, db_url, pgbouncer_url):
+    url, _ = pgbouncer_url
+    ids = _enqueue(fapp, 300, seconds=0.01)
+    fleet = _bounced_fleet(db_url, url, 1, "-c", "4")
+    try:
+        for share in (0.2, 0.5):
+            wait_for(lambda s=share: _succeeded(conn) >= s * len(ids), timeout=30, what="work under way")
+            killed = conn.execute("""
+                SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+            """).fetchone()[0]
+            assert killed >= 2  # PgBouncer's server connections, and the tasks' own
+        wait_for(lambda: _succeeded(conn) == len(ids), timeout=60, what="every job to succeed after the drops")
+        counts = _assert_exactly_once(conn, ids)
+        assert fleet.workers[0].proc.poll() is None
+    finally:
+        outputs = fleet.stop()
+    print(f"\nterminated behind pgbouncer: {counts}")
+    assert not any("prepared statement" in o or "Traceback" in o for o in outputs)
