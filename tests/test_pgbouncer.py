@@ -84,7 +84,7 @@ def _bounced_fleet(db_url: str, url: str, size: int, *args: str) -> Fleet:
 def test_sigkill_through_pgbouncer_loses_nothing(fapp, conn, db_url, pgbouncer_url):
     url, _ = pgbouncer_url
     random.seed(20261207)
-    ids = _enqueue(fapp, 1000, seconds=0.003)
+    ids = _enqueue(fapp, 1000, seconds=0.02)  # long enough a drain for 5 kills or more, even on a quiet machine
     fleet = _bounced_fleet(db_url, url, 3, "-c", "4")
     try:
         deadline = time.monotonic() + 30
