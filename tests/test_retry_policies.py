@@ -332,7 +332,7 @@ def test_next_attempt_claimed_before_the_last_one_is_forgotten_stays_held(capp, 
         [second] = wait_for(lambda: worker._claim(1), timeout=5, what="the retry to be claimable")
         assert (second.id, second.attempt) == (handle.id, 2)
         worker._forget([first])  # the recorder, late
-        assert [(t[0], t[1]) for t in worker.held_tokens()] == [(handle.id, 2)]
+        assert [(t[0], t[1]) for t in worker.held_tokens()] == [(handle.id, second.token)]
         worker._execute(second)
         [(recorded, result, _)] = [worker.recorder.outcomes.popleft()]
         assert (recorded.attempt, result) == (2, Succeeded("2"))
