@@ -144,8 +144,8 @@ class Worker:
     - ``prune_interval``: seconds between pruning rounds; each round one worker, whichever asks first,
       prunes. None (or 0) turns pruning off in this worker. Default 60 s.
     - ``non_durable_claims``: commit claims without waiting for the disk (``synchronous_commit = off`` on
-      the claim connection). A job then starts one disk flush sooner (wake-up p50 0.3-0.5 ms lower on a
-      virtual disk; see docs/guarantees.md), but a database crash can undo a claim made in the last
+      the claim connection). A job then starts one disk flush sooner (wake-up p50 0.4-0.5 ms lower on
+      this project's virtual disk; benchmarks/README.md), but a database crash can undo a claim made in the last
       moments before it (up to 3 x ``wal_writer_delay``, 600 ms by default), and another worker may run
       the job while this one still does, for up to one heartbeat (a third of the lease), until this
       worker learns of it and interrupts the task. Off by default. No effect with prepared statements
@@ -387,7 +387,8 @@ class Worker:
             # this one ran it side by side, each passing the other's fence. The claim token (sql.CLAIM_TOKEN)
             # now fences such a claim off wherever commits do not wait for the disk (non_durable_claims, or
             # the server's own setting), and its worker stops the task at its next heartbeat (_lose).
-            # Waiting cost 0.3-0.5 ms of wake-up p50 on this project's virtual disk (docs/guarantees.md).
+            # Waiting costs one disk flush per claim: wake-up p50 1.45 against 0.96 ms without it on the embedded
+            # server, 1.76 against 1.32 on Debian's 15 (benchmarks/README.md, 2026-12-08).
             #
             # The claims are planned once per connection (generic plans, as on every worker connection:
             # db.GENERIC_PLAN_ROLES), not once per claim. Left to itself PostgreSQL kept planning CLAIM
