@@ -222,7 +222,8 @@ class Worker:
                                                           owner=self.id) if prune_interval else None
         if self.pruner is not None and not self.pruner.enabled:
             self.pruner = None  # every state kept forever
-        self._retired: set[int] = set()  # runner threads replaced after their job's timeout
+        # Runner threads replaced after their job's timeout, cancellation or lost claim, until they exit.
+        self._retired: set[int] = set()
         self.metrics_address = metrics  # (host, port) to serve Prometheus metrics on, or None
         self.metrics = worker_metrics(self)  # hooks; no-ops (and no prometheus_client) without an address
 
@@ -637,6 +638,10 @@ class Worker:
             with contextlib.suppress(TaskTimeout, CancelRequested):  # delivered just after the task returned
                 self._execute(job)  # (CancelRequested includes LeaseLost)
             if me in self._retired:  # a fresh runner took this one's place when its job timed out or was cancelled
+                # Forget its ident on the way out: the system hands idents of ended threads to new ones, and a
+                # new runner that inherited one still in this set would leave after its first job, unreplaced
+                # (a worker whose link flapped, losing claims at every cut, ended with a runner short).
+                self._retired.discard(me)
                 return
 
     def _execute(self, job: ClaimedJob) -> None:
@@ -824,7 +829,7 @@ class Worker:
                 break
             if job is not None:
                 unstarted.append(job)
-        active = [r for r in self._runners if r.ident not in self._retired]
+        active = [r for r in self._runners if r.is_alive() and r.ident not in self._retired]
         for _ in active:
             self._ready.put(None)
         if unstarted:

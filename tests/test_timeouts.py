@@ -36,6 +36,22 @@ def test_runaway_python_is_interrupted_and_retried_then_failed(fapp, conn):
     assert [spinning.id, spinning.id] == fault_apps.INTERRUPTED
 
 
+def test_runners_replaced_again_and_again_keep_the_worker_s_capacity(fapp, conn):
+    """Each timeout retires its runner for a fresh one. Thread idents of ended threads are handed to new
+    ones: a replacement that inherited the ident of a runner retired earlier must not take itself for
+    retired, leave after its first job, and leave the worker with no runner."""
+    fault_apps.INTERRUPTED.clear()
+    spinning = [fault_apps.spin.delay() for _ in range(3)]  # 2 attempts each: 6 runners retired, one by one
+    with fapp.worker(concurrency=1, queues=["default"], poll_interval=0.1).running() as worker:
+        for handle in spinning:
+            with pytest.raises(pgq.TaskFailed):
+                handle.get(timeout=20)
+        wait_for(lambda: len(fault_apps.INTERRUPTED) == 6, timeout=5, what="every attempt interrupted")
+        for _ in range(4):  # more jobs than a runner that leaves after one could take
+            assert fault_apps.when.delay().get(timeout=10)
+        assert sum(1 for r in worker._runners if r.is_alive()) == 1
+
+
 def test_worker_default_timeout_abandons_blocking_code_and_keeps_capacity(fapp, conn, db_url):
     blocked = fault_apps.block.delay(120)
     worker = WorkerProcess(db_url, "-c", "1", "--task-timeout", "0.5", "--shutdown-grace", "30",
