@@ -155,6 +155,28 @@ def app(db_url: str) -> Iterator[pgq.App]:
 
 
 @pytest.fixture
+def capp(db_url: str, conn: psycopg.Connection) -> Iterator[pgq.App]:
+    """The tasks of tests/control_apps.py (job control), pointed at this test's database."""
+    from tests import control_apps
+
+    conn.execute(control_apps.DDL)
+    control_apps.app.set_database_url(db_url)
+    yield control_apps.app
+    control_apps.app.close()
+
+
+@pytest.fixture
+def fapp(db_url: str, conn: psycopg.Connection) -> Iterator[pgq.App]:
+    """The tasks of tests/fault_apps.py (fault tests), pointed at this test's database."""
+    from tests import fault_apps
+
+    conn.execute(fault_apps.DDL)
+    fault_apps.app.set_database_url(db_url)
+    yield fault_apps.app
+    fault_apps.app.close()
+
+
+@pytest.fixture
 def empty_db_url(postgresql: psycopg.Connection) -> Iterator[str]:
     """A database without pgq's schema (for migration and "not migrated" tests)."""
     info = postgresql.info

@@ -20,17 +20,8 @@ import pgq
 from pgq import maintenance, sql
 from pgq.cli import main
 from pgq.executor import Cancelled
-from tests import control_apps
 from tests.control_apps import block, plain, spin
 from tests.helpers import WorkerProcess, job, scalar, wait_for, wait_registered
-
-
-@pytest.fixture
-def capp(db_url, conn):
-    conn.execute(control_apps.DDL)
-    control_apps.app.set_database_url(db_url)
-    yield control_apps.app
-    control_apps.app.close()
 
 
 def _result(conn, job_id):

@@ -30,14 +30,6 @@ def _undo_claim(conn: psycopg.Connection, job_id: int) -> None:
                  "lease_expires_at = NULL, claim_token = NULL WHERE id = %s", (job_id,))
 
 
-@pytest.fixture
-def capp(db_url, conn):
-    conn.execute(control_apps.DDL)
-    control_apps.app.set_database_url(db_url)
-    yield control_apps.app
-    control_apps.app.close()
-
-
 def _events(conn, job_id: int) -> list[str]:
     return [r[0] for r in conn.execute("SELECT event FROM control_runs WHERE job_id = %s ORDER BY at",
                                        (job_id,)).fetchall()]
@@ -130,14 +122,6 @@ def test_a_task_can_fence_its_own_writes_with_its_claim_token(capp, conn, db_url
     conn.execute(sql.CLAIM, {"queues": ["default"], "limit": 1, "worker_id": "second"})
     with psycopg.connect(db_url) as task_conn:  # the lost claim's attempt finds nothing: it writes nothing
         assert task_conn.execute(fence, mine).fetchall() == []
-
-
-@pytest.fixture
-def fapp(db_url, conn):
-    conn.execute(fault_apps.DDL)
-    fault_apps.app.set_database_url(db_url)
-    yield fault_apps.app
-    fault_apps.app.close()
 
 
 def _crash_repeatedly(fapp, conn, db_url: str, restart_postgres, *worker_args: str,

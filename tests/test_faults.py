@@ -22,14 +22,6 @@ from tests.helpers import ROOT, WorkerProcess, scalar, wait_for, wait_registered
 APP = "tests.fault_apps"
 
 
-@pytest.fixture
-def fapp(db_url, conn):
-    conn.execute(fault_apps.DDL)
-    fault_apps.app.set_database_url(db_url)
-    yield fault_apps.app
-    fault_apps.app.close()
-
-
 class Fleet:
     """Worker processes that can be killed and replaced."""
 

@@ -29,22 +29,6 @@ needs_hosts = pytest.mark.skipif(bool(netns.unavailable()), reason=f"no hosts: {
 
 
 @pytest.fixture
-def capp(db_url, conn):
-    conn.execute(control_apps.DDL)
-    control_apps.app.set_database_url(db_url)
-    yield control_apps.app
-    control_apps.app.close()
-
-
-@pytest.fixture
-def fapp(db_url, conn):
-    conn.execute(fault_apps.DDL)
-    fault_apps.app.set_database_url(db_url)
-    yield fault_apps.app
-    fault_apps.app.close()
-
-
-@pytest.fixture
 def network(request, db_url):
     """The hosts' network, leading straight to PostgreSQL, or (parametrized "pgbouncer") to a PgBouncer in
     transaction mode, with workers run --no-listen --no-prepare."""

@@ -11,7 +11,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests import apps, fault_apps
+from tests import apps
 from tests.helpers import WorkerProcess, scalar, wait_for
 from tests.pgbouncer import MISSING, pgbouncer
 from tests.test_faults import Fleet, _assert_exactly_once, _enqueue, _succeeded
@@ -66,14 +66,6 @@ def test_producers_and_workers_through_pgbouncer_lose_nothing(app, conn, pgbounc
 
 
 # --- the fault tests of tests/test_faults.py, through PgBouncer -------------------------------------
-
-@pytest.fixture
-def fapp(db_url, conn):
-    conn.execute(fault_apps.DDL)
-    fault_apps.app.set_database_url(db_url)
-    yield fault_apps.app
-    fault_apps.app.close()
-
 
 def _bounced_fleet(db_url: str, url: str, size: int, *args: str) -> Fleet:
     """Workers through PgBouncer; their tasks note their executions straight in the database."""

@@ -14,7 +14,6 @@ from pgq.cli import main
 from pgq.executor import Cancelled, ClaimedJob, Failed, RetryLater, Succeeded
 from pgq.retry import Backoff, RetryPolicy
 from pgq.tasks import CancelFlag
-from tests import control_apps
 from tests.control_apps import autoretry, plain, policy, until_switched
 from tests.helpers import job, scalar
 
@@ -153,14 +152,6 @@ def test_is_cancelled_reads_the_workers_flag():
 
 
 # --- with a worker -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def capp(db_url, conn):
-    conn.execute(control_apps.DDL)
-    control_apps.app.set_database_url(db_url)
-    yield control_apps.app
-    control_apps.app.close()
 
 
 def _errors(conn, job_id):

@@ -13,14 +13,6 @@ from tests import fault_apps
 from tests.helpers import WorkerProcess, scalar, wait_for
 
 
-@pytest.fixture
-def fapp(db_url, conn):
-    conn.execute(fault_apps.DDL)
-    fault_apps.app.set_database_url(db_url)
-    yield fault_apps.app
-    fault_apps.app.close()
-
-
 def test_runaway_python_is_interrupted_and_retried_then_failed(fapp, conn):
     fault_apps.INTERRUPTED.clear()
     spinning = fault_apps.spin.delay()

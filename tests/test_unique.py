@@ -16,17 +16,8 @@ import pytest
 
 import pgq
 from pgq import enqueue, sql
-from tests import control_apps
 from tests.control_apps import add, plain, welcome
 from tests.helpers import ROOT, job, scalar, wait_for
-
-
-@pytest.fixture
-def capp(db_url, conn):
-    conn.execute(control_apps.DDL)
-    control_apps.app.set_database_url(db_url)
-    yield control_apps.app
-    control_apps.app.close()
 
 
 def _jobs(conn, key: str) -> list[tuple]:
