@@ -34,8 +34,10 @@ def scalar(conn, query: str, params: Any = None) -> Any:
 class WorkerProcess:
     """A real ``pgq worker`` subprocess running the tasks of tests/apps.py."""
 
-    def __init__(self, db_url: str, *args: str, app: str = "tests.apps", env: dict[str, str] | None = None):
-        cmd = [sys.executable, "-m", "pgq.cli", "--database-url", db_url, "-A", app, "worker",
+    def __init__(self, db_url: str, *args: str, app: str = "tests.apps", env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()):
+        """*prefix* runs the command through another, e.g. ``ip netns exec HOST`` (tests/netns.py)."""
+        cmd = [*prefix, sys.executable, "-m", "pgq.cli", "--database-url", db_url, "-A", app, "worker",
                "--rescue-interval", "0.5", "--poll-interval", "0.5", *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgq-worker-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w+")  # noqa: SIM115 - closed in stop()
@@ -59,12 +61,12 @@ class WorkerProcess:
     def wait(self, timeout: float = 30.0) -> int:
         return self.proc.wait(timeout=timeout)
 
-    def stop(self) -> str:
+    def stop(self, timeout: float = 15.0) -> str:
         """SIGTERM, wait, and return everything the worker logged."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -18,12 +18,9 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
-from tests.helpers import ROOT
+from tests.helpers import WorkerProcess
 
 PORT = 5431
 _RUN = os.getpid() % 10000
@@ -244,36 +241,14 @@ class Network:
         self.hosts.clear()
 
 
-class HostWorker:
-    """A ``pgq worker`` process run on *host*, with its output in a file."""
+class HostWorker(WorkerProcess):
+    """A ``pgq worker`` process run on *host* (``ip netns exec`` execs it in place, so its pid is the
+    worker's own), with its output in a file."""
 
     def __init__(self, host: Host, url: str, *args: str, app: str = "tests.fault_apps",
                  env: dict[str, str] | None = None):
-        cmd = host.command(sys.executable, "-m", "pgq.cli", "--database-url", url, "-A", app, "worker",
-                           "--rescue-interval", "0.5", "--poll-interval", "0.5", *args)
+        super().__init__(url, *args, app=app, env=env, prefix=tuple(host.command()))
         self.host = host
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgq-host-{os.getpid()}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w+")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    @property
-    def pid(self) -> int:
-        """The worker's own pid: ``ip netns exec`` execs it in place."""
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text()
 
     def stop(self, timeout: float = 20.0) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        output = self.output()
-        self._log.close()
-        self.log_path.unlink(missing_ok=True)
-        return output
+        return super().stop(timeout)
